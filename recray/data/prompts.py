@@ -1,0 +1,49 @@
+"""THE prompt template (spec §2) and title parsing. Every stage uses these two functions
+and nothing else, so SFT, DPO, negative generation and evaluation see the same text."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Sequence
+
+_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request."
+)
+
+_VERB = {"movie": "watched", "book": "read", "game": "played", "album": "listened to"}
+
+
+def build_prompt(history_titles: Sequence[str], noun: str = "movie") -> str:
+    verb = _VERB.get(noun, "interacted with")
+    listed = ", ".join(f'"{t}"' for t in history_titles)
+    return (
+        f"{_PREAMBLE}\n\n"
+        f"### Instruction:\n"
+        f"Given a list of {noun}s the user recently {verb}, please recommend a new {noun} "
+        f"that the user may like.\n\n"
+        f"### Input:\n"
+        f"The user has {verb} the following {noun}s before: {listed}\n\n"
+        f"### Response:\n"
+    )
+
+
+def build_completion(title: str) -> str:
+    """The answer the model is trained to write: the quoted title and a newline."""
+    return f'"{title}"\n'
+
+
+ParseStatus = Literal["quoted", "line", "unparsable"]
+
+_QUOTED = re.compile(r'"([^"\n]+)"')
+
+
+def parse_title(answer: str) -> tuple[str | None, ParseStatus]:
+    """The first double-quoted span; else the first non-empty line; else unparsable."""
+    match = _QUOTED.search(answer)
+    if match and match.group(1).strip():
+        return match.group(1).strip(), "quoted"
+    for line in answer.splitlines():
+        if line.strip():
+            return line.strip(), "line"
+    return None, "unparsable"

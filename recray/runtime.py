@@ -1,0 +1,52 @@
+"""Connecting to Ray: the same code runs on a laptop-sized local instance and on a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from recray.config import RayConfig
+from recray.errors import RecrayError
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Join the cluster named by ray.address or RAY_ADDRESS, else start a local instance.
+
+    A local instance binds its dashboard to 127.0.0.1 only. Inside `ray job submit` the
+    job's RAY_ADDRESS is set, so this joins that cluster and passes no resources
+    (an existing cluster refuses them).
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address)
+    else:
+        # address="local" never attaches to a stale /tmp/ray/ray_current_cluster.
+        ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host="127.0.0.1",
+                 include_dashboard=False, log_to_driver=True)
+
+
+def unwrap(exc: BaseException) -> RecrayError | None:
+    """The RecrayError behind an exception that crossed Ray task/actor boundaries."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, RecrayError):
+            return cause
+        if isinstance(e, RecrayError) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        stack.extend([cause if isinstance(cause, BaseException) else None,
+                      e.__cause__, e.__context__])
+    return None
