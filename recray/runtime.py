@@ -33,6 +33,14 @@ def init_ray(cfg: RayConfig) -> None:
                  include_dashboard=False, log_to_driver=True)
 
 
+def hide_ray_data_error_logs() -> None:
+    """Ray Data logs a failed task's traceback before re-raising the error. The CLI shows
+    the error itself: one line for a RecrayError, the full traceback for anything else,
+    so these console records only repeat it (Ray Data's log file keeps them)."""
+    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+        logging.getLogger(name).addFilter(lambda record: record.levelno < logging.ERROR)
+
+
 def unwrap(exc: BaseException) -> RecrayError | None:
     """The RecrayError behind an exception that crossed Ray task/actor boundaries."""
     seen = set()

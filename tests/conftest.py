@@ -18,3 +18,14 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def ml100k_prepared(ray_session, tmp_path_factory):
+    """The embedded MovieLens-100k prepared with the default config, once per session."""
+    from recray.config import DataConfig
+    from recray.data.loaders import load
+    from recray.data.prepare import prepare
+    out = tmp_path_factory.mktemp("prepared") / "ml100k"
+    stats = prepare(load(DataConfig()), DataConfig(), out)
+    return out, stats

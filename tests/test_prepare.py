@@ -12,7 +12,7 @@ import pytest
 import ray.data
 
 from recray.config import DataConfig
-from recray.data.loaders import Source, load
+from recray.data.loaders import Source
 from recray.data.prepare import SPLITS, assign_splits, choose_groups, prepare
 from recray.data.schema import catalog_table, interactions_table
 from recray.errors import DataError, RecrayError
@@ -23,10 +23,8 @@ def read_split(out: Path, name: str) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def ml100k(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prep") / "ml100k"
-    stats = prepare(load(DataConfig()), DataConfig(), out)
-    return out, stats
+def ml100k(ml100k_prepared):
+    return ml100k_prepared
 
 
 def test_ml100k_split_invariants(ml100k):

@@ -1,0 +1,167 @@
+"""Evaluate a policy on a prepared split: generate → parse → ground → metrics (spec §4).
+
+    evaluate(data_dir, "test", Policy(model_dir), cfg, out)   # writes predictions.parquet, metrics.json
+
+`score` is the part after generation; it is what a reader needs to recompute: the
+predictions table it writes holds everything `metrics_from_tables` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recray.data.prompts import parse_title
+from recray.errors import DataError, RecrayError
+from recray.evaluate.grounding import Embedder, catalog_embeddings, rank_catalog
+from recray.evaluate.metrics import KS, metrics_from_tables
+
+log = logging.getLogger(__name__)
+
+TOPK = 20
+PARSE_STATUSES = ("quoted", "line", "unparsable")
+
+
+def read_prepared(data_dir: Path, split: str, limit: int | None = None
+                  ) -> tuple[pa.Table, pa.Table, list[str]]:
+    """(samples of the split, catalog, genre groups) of a `recray prepare` output."""
+    data_dir = Path(data_dir)
+    for required in (data_dir / split, data_dir / "catalog.parquet", data_dir / "groups.json"):
+        if not required.exists():
+            raise DataError(f"{required} is missing: is {data_dir} the output of `recray prepare`?")
+    samples = pq.read_table(data_dir / split)
+    if samples.num_rows == 0:
+        raise DataError(f"{data_dir / split} holds no samples")
+    if limit is not None:
+        samples = samples.slice(0, limit)
+    groups = json.loads((data_dir / "groups.json").read_text())["groups"]
+    return samples, pq.read_table(data_dir / "catalog.parquet"), groups
+
+
+def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[str],
+          embedder: Embedder, cache_dir: Path, ks=KS) -> tuple[pa.Table, dict]:
+    """Parse each sample's first answer, rank the whole catalog for it, compute metrics.
+
+    An unparsable answer (nothing but whitespace) gets target rank = catalog size, a miss
+    at every K; its top-K list is still the nearest items to the empty text, so the
+    diversity metrics see what the model really recommended.
+    """
+    by_id = dict(zip(answers.column("sample_id").to_pylist(),
+                     answers.column("candidates").to_pylist()))
+    missing = [s for s in samples.column("sample_id").to_pylist() if not by_id.get(s)]
+    if missing:
+        raise RecrayError(f"{len(missing)} samples have no generated answer (first: {missing[0]})")
+    texts = [by_id[s][0] for s in samples.column("sample_id").to_pylist()]
+    parsed = [parse_title(t) for t in texts]
+
+    item_ids = catalog.column("item_id").to_pylist()
+    index = {item: i for i, item in enumerate(item_ids)}
+    targets = samples.column("target_item_id").to_pylist()
+    unknown = [t for t in targets if t not in index]
+    if unknown:
+        raise DataError(f"{len(unknown)} targets are not in the catalog (first: {unknown[0]})")
+    item_emb = catalog_embeddings(embedder, catalog.column("title").to_pylist(), cache_dir)
+    queries = [title if title is not None else text.strip() for (title, _), text in zip(parsed, texts)]
+    top, ranks = rank_catalog(embedder.embed(queries), item_emb,
+                              np.array([index[t] for t in targets]), topk=min(TOPK, len(item_ids)))
+    statuses = [status for _, status in parsed]
+    ranks[np.array([s == "unparsable" for s in statuses])] = len(item_ids)
+
+    ids = np.asarray(item_ids, dtype=object)
+    predictions = pa.table({
+        "sample_id": samples.column("sample_id"),
+        "user_id": samples.column("user_id"),
+        "target_item_id": samples.column("target_item_id"),
+        "history_item_ids": samples.column("history_item_ids"),
+        "generated_text": pa.array(texts, pa.string()),
+        "parsed_title": pa.array([title for title, _ in parsed], pa.string()),
+        "parse_status": pa.array(statuses, pa.string()),
+        "topk_item_ids": pa.array([ids[row].tolist() for row in top], pa.list_(pa.string())),
+        "target_rank": pa.array(ranks, pa.int64()),
+    })
+    metrics = metrics_from_tables(predictions, catalog, groups, ks=ks)
+    counts = Counter(statuses)
+    metrics.update({f"parse_{s}": counts.get(s, 0) for s in PARSE_STATUSES})
+    return predictions, metrics
+
+
+def write_evaluation(output: Path, predictions: pa.Table, metrics: dict) -> None:
+    """Both files appear together or not at all."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        pq.write_table(predictions, staging / "predictions.parquet")
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def make_embedder(kind: str, policy=None) -> Embedder:
+    """The grounding embedder named by config: the sentence model, or the policy LLM itself."""
+    from recray.evaluate.grounding import HiddenStateEmbedder, SentenceEmbedder
+    if kind == "sentence":
+        from recray.assets import embedder_dir
+        return SentenceEmbedder(embedder_dir())
+    model, tokenizer = load_policy_model(policy.model, policy.adapter)
+    return HiddenStateEmbedder(model, tokenizer)
+
+
+def load_policy_model(model_dir: str, adapter: str | None = None):
+    """The policy as one plain model in this process (adapter merged), for hidden states."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval(), tokenizer
+
+
+def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int | None = None,
+             pool=None) -> dict:
+    """Generate one answer per prompt of `split` with `policy`, then `score` and write."""
+    from recray.assets import home
+    from recray.generate import GenerationPool
+
+    samples, catalog, groups = read_prepared(data_dir, split, limit)
+    start = time.time()
+    own_pool = pool is None
+    pool = pool or GenerationPool(cfg.generate, policy.model)
+    try:
+        answers = pool.generate(samples, policy, cfg.evaluate.decoding)
+    finally:
+        if own_pool:
+            pool.close()
+    generated = time.time()
+    log.info("generated %d answers in %.1f s", samples.num_rows, generated - start)
+    embedder = make_embedder(cfg.evaluate.embedder, policy)
+    predictions, metrics = score(samples, answers, catalog, groups, embedder,
+                                 home() / "cache" / "embeddings")
+    metrics["seconds_generate"] = round(generated - start, 1)
+    metrics["seconds_score"] = round(time.time() - generated, 1)
+    write_evaluation(output, predictions, metrics)
+    return metrics
+
+
+def metrics_table(metrics: dict, ks=(1, 5)) -> str:
+    """The headline numbers as a small aligned table (what `recray evaluate` prints)."""
+    names = ("HR", "NDCG", "DivRatio", "ORRatio", "MGU", "DGU")
+    head = "K   " + "".join(f"{n:>10s}" for n in names)
+    rows = [f"{k:<4d}" + "".join(f"{metrics[f'{n}@{k}']:>10.4f}" for n in names) for k in ks]
+    parse = ", ".join(f"{s} {metrics[f'parse_{s}']}" for s in PARSE_STATUSES)
+    return "\n".join([head, *rows, f"n = {metrics['n_samples']}; parsed: {parse}"])

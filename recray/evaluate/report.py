@@ -1,0 +1,156 @@
+"""`recray report RUN_DIR ...`: a Markdown report with PNG plots comparing runs.
+
+A run directory holds `metrics.jsonl`, one JSON object per (iteration, split) with the
+keys `method`, `iteration`, `split` and the metrics of `metrics.json`. A bare evaluation
+directory (just `metrics.json`) also works: it counts as iteration 0 of a method named
+after the directory. Runs of the same method (e.g. seeds) are averaged, mean ± std.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from recray.errors import RecrayError
+
+TABLE_COLUMNS = ("DivRatio@1", "DivRatio@5", "ORRatio@1", "ORRatio@5", "MGU@1", "MGU@5",
+                 "HR@5", "NDCG@5")
+LOWER_IS_BETTER = ("ORRatio", "MGU", "DGU")
+CURVES = ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")
+METHOD_NAMES = {"bigrec": "BIGRec", "sprec": "SPRec", "sprec-nodpo": "SPRec-noDPO",
+                "sprec-nosft": "SPRec-noSFT", "sprec-rn": "SPRec-RN", "dmpo": "DMPO",
+                "sdpo": "SDPO", "rw": "RW"}
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.jsonl").exists():
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    if (run_dir / "metrics.json").exists():
+        row = json.loads((run_dir / "metrics.json").read_text())
+        return [{"method": run_dir.name, "iteration": 0, "split": "test", **row}]
+    raise RecrayError(f"{run_dir} has neither metrics.jsonl (a run) nor metrics.json (an evaluation)")
+
+
+def final_rows(rows: list[dict], split: str) -> list[dict]:
+    """Each run's last iteration on `split`."""
+    on_split = [r for r in rows if r.get("split") == split]
+    if not on_split:
+        return []
+    last = max(r["iteration"] for r in on_split)
+    return [r for r in on_split if r["iteration"] == last]
+
+
+def _label(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _better(metric: str) -> str:
+    return "min" if metric.split("@")[0] in LOWER_IS_BETTER else "max"
+
+
+def comparison_table(per_method: dict[str, list[dict]], columns=TABLE_COLUMNS) -> str:
+    """Table-1 style: one row per method, mean ± std over its runs, best in bold."""
+    means = {m: {c: float(np.mean([r[c] for r in rs])) for c in columns} for m, rs in per_method.items()}
+    best = {c: (min if _better(c) == "min" else max)(means[m][c] for m in means) for c in columns}
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for method, runs in per_method.items():
+        cells = []
+        for c in columns:
+            values = [r[c] for r in runs]
+            text = f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else "")
+            cells.append(f"**{text}**" if np.isclose(means[method][c], best[c]) and len(means) > 1 else text)
+        runs_note = f" (n={len(runs)})" if len(runs) > 1 else ""
+        lines.append(f"| {_label(method)}{runs_note} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(by_method: dict[str, list[list[dict]]], split: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4))
+    for ax, metric in zip(axes, CURVES):
+        for method, runs in by_method.items():
+            per_iter = defaultdict(list)
+            for rows in runs:
+                for r in rows:
+                    if r.get("split") == split and metric in r:
+                        per_iter[r["iteration"]].append(r[metric])
+            its = sorted(per_iter)
+            mean = [np.mean(per_iter[i]) for i in its]
+            std = [np.std(per_iter[i]) for i in its]
+            ax.errorbar(its, mean, yerr=std, marker="o", capsize=3, label=_label(method))
+        ax.set_title(f"{metric} ({'↓' if _better(metric) == 'min' else '↑'})")
+        ax.set_xlabel("self-play iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Metrics per iteration ({split} split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gu(per_method: dict[str, list[dict]], path: Path, k: int = 1) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    prefix = f"GU@{k}/"
+    groups = sorted({key[len(prefix):] for runs in per_method.values() for r in runs
+                     for key in r if key.startswith(prefix)})
+    if not groups:
+        return []
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) * max(1, len(per_method)) / 2), 3.8))
+    width = 0.8 / len(per_method)
+    x = np.arange(len(groups))
+    for i, (method, runs) in enumerate(per_method.items()):
+        values = [np.mean([r.get(prefix + g, 0.0) for r in runs]) for g in groups]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=_label(method))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylabel(f"GU@{k} = share in top-{k} − share in history")
+    ax.set_title(f"Group unfairness per genre at K={k} (0 = calibrated)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return groups
+
+
+def report(run_dirs: list[Path], output: Path, split: str = "test") -> Path:
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    by_method: dict[str, list[list[dict]]] = defaultdict(list)
+    for run_dir in run_dirs:
+        rows = load_rows(run_dir)
+        methods = {r.get("method", Path(run_dir).name) for r in rows}
+        if len(methods) != 1:
+            raise RecrayError(f"{run_dir}: metrics.jsonl mixes methods {sorted(methods)}")
+        by_method[methods.pop()].append(rows)
+    per_method = {m: [row for rows in runs for row in final_rows(rows, split)]
+                  for m, runs in by_method.items()}
+    per_method = {m: rs for m, rs in per_method.items() if rs}
+    if not per_method:
+        raise RecrayError(f"no {split}-split metrics in {', '.join(map(str, run_dirs))}")
+
+    plot_curves(by_method, split, output / "metrics_per_iteration.png")
+    genres = plot_gu(per_method, output / "gu_by_genre.png")
+    lines = [
+        "# recray report", "",
+        f"Runs: {', '.join(str(d) for d in run_dirs)}", "",
+        f"## Comparison ({split} split, last iteration of each run)", "",
+        comparison_table(per_method), "",
+        "↑ higher is better for DivRatio, HR, NDCG; ↓ lower is better for ORRatio, MGU. "
+        "Bold: best per column.", "",
+        "## Metrics per self-play iteration", "", "![metrics per iteration](metrics_per_iteration.png)", "",
+    ]
+    if genres:
+        lines += ["## Group unfairness per genre (K=1)", "", "![GU by genre](gu_by_genre.png)", ""]
+    (output / "report.md").write_text("\n".join(lines))
+    return output / "report.md"

@@ -1,0 +1,48 @@
+"""recray report over run directories written the way the loop writes them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recray.evaluate.report import TABLE_COLUMNS, comparison_table, report
+from recray.errors import RecrayError
+
+
+def write_run(path, method, values_by_iteration):
+    path.mkdir(parents=True)
+    with open(path / "metrics.jsonl", "w") as f:
+        for it, base in enumerate(values_by_iteration):
+            for split in ("valid", "test"):
+                row = {"method": method, "iteration": it, "split": split, "n_samples": 10}
+                row.update({c: base for c in TABLE_COLUMNS})
+                row.update({"GU@1/Drama": base - 0.5, "GU@1/Comedy": 0.5 - base,
+                            "DGU@1": 0.1, "CV@1/pop": 0.2})
+                f.write(json.dumps(row) + "\n")
+
+
+def test_report_files_and_table(tmp_path):
+    write_run(tmp_path / "bigrec-s0", "bigrec", [0.2])
+    write_run(tmp_path / "bigrec-s1", "bigrec", [0.4])
+    write_run(tmp_path / "sprec-s0", "sprec", [0.2, 0.25, 0.5])
+    md = report([tmp_path / "bigrec-s0", tmp_path / "bigrec-s1", tmp_path / "sprec-s0"],
+                tmp_path / "report")
+    text = md.read_text()
+    assert "| BIGRec (n=2) | 0.3000 ± 0.1000" in text
+    # SPRec's final 0.5 wins the higher-is-better columns, BIGRec's 0.3 the lower-is-better.
+    sprec_row = next(line for line in text.splitlines() if line.startswith("| SPRec "))
+    assert sprec_row.count("**") == 2 * 4     # DivRatio@1/@5, HR@5, NDCG@5
+    for png in ("metrics_per_iteration.png", "gu_by_genre.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_single_method_has_no_bold():
+    rows = {"sprec": [{c: 0.1 for c in TABLE_COLUMNS}]}
+    assert "**" not in comparison_table(rows)
+
+
+def test_not_a_run_is_refused(tmp_path):
+    with pytest.raises(RecrayError, match="metrics.jsonl"):
+        report([tmp_path], tmp_path / "out")
