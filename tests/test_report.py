@@ -46,3 +46,13 @@ def test_single_method_has_no_bold():
 def test_not_a_run_is_refused(tmp_path):
     with pytest.raises(RecrayError, match="metrics.jsonl"):
         report([tmp_path], tmp_path / "out")
+
+
+def test_one_run_can_hold_bigrec_and_sprec(tmp_path):
+    run = tmp_path / "sprec"
+    run.mkdir()
+    rows = [{"method": "bigrec" if it == 0 else "sprec", "iteration": it, "split": "test",
+             **{c: 0.1 * (it + 1) for c in TABLE_COLUMNS}} for it in range(3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report([run], tmp_path / "out").read_text()
+    assert "| BIGRec | 0.1000" in text and "| SPRec | **0.3000**" in text

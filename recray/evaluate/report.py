@@ -1,7 +1,8 @@
 """`recray report RUN_DIR ...`: a Markdown report with PNG plots comparing runs.
 
 A run directory holds `metrics.jsonl`, one JSON object per (iteration, split) with the
-keys `method`, `iteration`, `split` and the metrics of `metrics.json`. A bare evaluation
+keys `method`, `iteration`, `split` and the metrics of `metrics.json`. One run may hold
+several methods: a SPRec run's iteration 0 is π_0, i.e. BIGRec. A bare evaluation
 directory (just `metrics.json`) also works: it counts as iteration 0 of a method named
 after the directory. Runs of the same method (e.g. seeds) are averaged, mean ± std.
 """
@@ -69,18 +70,25 @@ def comparison_table(per_method: dict[str, list[dict]], columns=TABLE_COLUMNS) -
     return "\n".join(lines)
 
 
-def plot_curves(by_method: dict[str, list[list[dict]]], split: str, path: Path) -> None:
+def plot_curves(runs: list[list[dict]], split: str, path: Path) -> None:
+    """One line per method over iterations: each run's whole trajectory (its iteration 0,
+    π_0, included) under the method of its last iteration; seeds give mean ± std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+    by_label: dict[str, list[list[dict]]] = defaultdict(list)
+    for rows in runs:
+        on_split = [r for r in rows if r.get("split") == split]
+        if on_split:
+            by_label[max(on_split, key=lambda r: r["iteration"])["method"]].append(on_split)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4))
     for ax, metric in zip(axes, CURVES):
-        for method, runs in by_method.items():
+        for method, trajectories in by_label.items():
             per_iter = defaultdict(list)
-            for rows in runs:
+            for rows in trajectories:
                 for r in rows:
-                    if r.get("split") == split and metric in r:
+                    if metric in r:
                         per_iter[r["iteration"]].append(r[metric])
             its = sorted(per_iter)
             mean = [np.mean(per_iter[i]) for i in its]
@@ -127,19 +135,17 @@ def report(run_dirs: list[Path], output: Path, split: str = "test") -> Path:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     by_method: dict[str, list[list[dict]]] = defaultdict(list)
-    for run_dir in run_dirs:
-        rows = load_rows(run_dir)
-        methods = {r.get("method", Path(run_dir).name) for r in rows}
-        if len(methods) != 1:
-            raise RecrayError(f"{run_dir}: metrics.jsonl mixes methods {sorted(methods)}")
-        by_method[methods.pop()].append(rows)
+    runs = [load_rows(run_dir) for run_dir in run_dirs]
+    for run_dir, rows in zip(run_dirs, runs):
+        for method in dict.fromkeys(r.get("method", Path(run_dir).name) for r in rows):
+            by_method[method].append([r for r in rows if r.get("method", Path(run_dir).name) == method])
     per_method = {m: [row for rows in runs for row in final_rows(rows, split)]
                   for m, runs in by_method.items()}
     per_method = {m: rs for m, rs in per_method.items() if rs}
     if not per_method:
         raise RecrayError(f"no {split}-split metrics in {', '.join(map(str, run_dirs))}")
 
-    plot_curves(by_method, split, output / "metrics_per_iteration.png")
+    plot_curves(runs, split, output / "metrics_per_iteration.png")
     genres = plot_gu(per_method, output / "gu_by_genre.png")
     lines = [
         "# recray report", "",
