@@ -46,11 +46,13 @@ USER_ROW = pa.schema([
     ("n_duplicate", pa.int64()),
     ("n_valid", pa.int64()),
     ("examples", pa.list_(pa.string())),      # "reason: file line N" for the first drops
-    ("target_item_id", pa.list_(pa.string())),
-    ("target_time", pa.list_(pa.int64())),
-    ("history_item_ids", pa.list_(pa.list_(pa.string()))),
-    ("position", pa.list_(pa.int64())),
+    # The user's usable sequence in (time, item) order; empty for users below min_interactions.
+    ("item_ids", pa.list_(pa.string())),
+    ("times", pa.list_(pa.int64())),
 ])
+
+KEYS = pa.schema([("sample_id", pa.string()), ("target_time", pa.int64()),
+                  ("target_item_id", pa.string())])
 
 SAMPLE = pa.schema([
     ("sample_id", pa.string()),
@@ -100,62 +102,93 @@ def _classify(rows: pa.Table, valid_items: pa.Array, empty_title_items: pa.Array
     return rows.append_column("status", pa.array(status, pa.int8()))
 
 
-def _drop_examples(rows: pa.Table, status: np.ndarray) -> list[str]:
-    idx = np.flatnonzero(status != OK)[:MAX_EXAMPLES]
+def _drop_examples(rows: pa.Table, order: np.ndarray, status: np.ndarray, dup: np.ndarray) -> list[str]:
+    """`reason: file line N` for the first few dropped rows of a block."""
     out = []
-    for i in idx.tolist():
+    for i in np.flatnonzero((status != OK) | dup)[:MAX_EXAMPLES].tolist():
+        row = int(order[i])
         if status[i] == BAD_ROW:
-            out.append(rows.column("drop_reason")[i].as_py())
+            out.append(rows.column("drop_reason")[row].as_py())
         else:
-            out.append(f"{_STATUS_TEXT[status[i]]}: {rows.column('source_file')[i].as_py()} "
-                       f"line {rows.column('source_line')[i].as_py()}")
+            reason = "duplicate (user, item, timestamp)" if status[i] == OK else _STATUS_TEXT[status[i]]
+            out.append(f"{reason}: {rows.column('source_file')[row].as_py()} "
+                       f"line {rows.column('source_line')[row].as_py()}")
     return out
 
 
-def _user_rows(rows: pa.Table, min_interactions: int, history_len: int) -> pa.Table:
-    """One output row per user: counts of what was dropped and why, and the user's samples."""
-    status = rows.column("status").to_numpy()
-    examples = _drop_examples(rows, status)
+def _users_of_block(rows: pa.Table, min_interactions: int) -> pa.Table:
+    """One row per user of a block that holds ALL rows of its users (hash-partitioned by
+    user): what was dropped and why, and the usable sequence. Vectorised over users."""
+    col = lambda name: rows.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    users, items, times = col("user_id"), col("item_id"), col("timestamp")
+    # Per user: time, then item id (spec §1.3); file and line make exact ties stable.
+    order = np.lexsort((col("source_line"), col("source_file"), items, times, users))
+    users, items, status = users[order], items[order], col("status")[order]
+    times = np.where(status == OK, times[order], 0).astype(np.int64)
+    first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], int)
+    user_of_row = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(users)]))
+
     ok = np.flatnonzero(status == OK)
-    items = rows.column("item_id").to_numpy(zero_copy_only=False)[ok]
-    times = rows.column("timestamp").to_numpy(zero_copy_only=False)[ok].astype(np.int64)
-    lines = rows.column("source_line").to_numpy(zero_copy_only=False)[ok]
-    files = rows.column("source_file").to_numpy(zero_copy_only=False)[ok]
-    order = np.lexsort((lines, files, items, times))   # time, then item id (spec §1.3)
-    items, times = items[order], times[order]
-    # Sorted by (time, item), exact duplicates are neighbours; keep the first.
-    dup = np.zeros(len(items), dtype=bool)
-    dup[1:] = (items[1:] == items[:-1]) & (times[1:] == times[:-1])
-    if dup.any() and len(examples) < MAX_EXAMPLES:
-        first = ok[order][np.flatnonzero(dup)[0]]
-        examples.append(f"duplicate (user, item, timestamp): {files[order][dup][0]} "
-                        f"line {rows.column('source_line')[int(first)].as_py()}")
-    items, times = items[~dup].tolist(), times[~dup].tolist()
-    positions = list(range(1, len(items))) if len(items) >= min_interactions else []
-    return pa.Table.from_pylist([{
-        "user_id": rows.column("user_id")[0].as_py(), "n_raw": rows.num_rows,
-        "n_bad_row": int((status == BAD_ROW).sum()),
-        "n_unknown_item": int((status == UNKNOWN_ITEM).sum()),
-        "n_empty_title": int((status == EMPTY_TITLE).sum()),
-        "n_duplicate": int(dup.sum()), "n_valid": len(items), "examples": examples,
-        "target_item_id": [items[p] for p in positions],
-        "target_time": [times[p] for p in positions],
-        "history_item_ids": [items[max(0, p - history_len):p] for p in positions],
-        "position": positions,
-    }], schema=USER_ROW)
+    # Among a user's usable rows, sorted by (time, item), exact duplicates are neighbours.
+    dup_ok = np.zeros(len(ok), dtype=bool)
+    dup_ok[1:] = ((user_of_row[ok[1:]] == user_of_row[ok[:-1]]) & (items[ok[1:]] == items[ok[:-1]])
+                  & (times[ok[1:]] == times[ok[:-1]]))
+    dup = np.zeros(len(users), dtype=bool)
+    dup[ok[dup_ok]] = True
+    valid = ok[~dup_ok]
 
+    def per_user(mask_rows: np.ndarray) -> np.ndarray:
+        return np.bincount(user_of_row[mask_rows], minlength=len(first)).astype(np.int64)
 
-def _explode_samples(users: pa.Table) -> pa.Table:
-    lengths = pc.list_value_length(users.column("position")).to_numpy(zero_copy_only=False)
-    user_ids = np.repeat(np.asarray(users.column("user_id").to_pylist(), dtype=object), lengths)
-    positions = pc.list_flatten(users.column("position")).to_numpy(zero_copy_only=False)
+    n_valid = per_user(valid)
+    kept = n_valid >= min_interactions
+    listed = valid[kept[user_of_row[valid]]]
+    offsets = np.r_[0, np.cumsum(np.where(kept, n_valid, 0))].astype(np.int32)
+    examples = _drop_examples(rows, order, status, dup)
     return pa.table({
-        "sample_id": pa.array([f"{u}:{p}" for u, p in zip(user_ids, positions)], pa.string()),
-        "user_id": pa.array(user_ids, pa.string()),
-        "history_item_ids": pc.list_flatten(users.column("history_item_ids")),
-        "target_item_id": pc.list_flatten(users.column("target_item_id")),
-        "target_time": pc.list_flatten(users.column("target_time")),
-    }, schema=SAMPLE)
+        "user_id": pa.array(users[first], pa.string()),
+        "n_raw": per_user(np.arange(len(users))),
+        "n_bad_row": per_user(np.flatnonzero(status == BAD_ROW)),
+        "n_unknown_item": per_user(np.flatnonzero(status == UNKNOWN_ITEM)),
+        "n_empty_title": per_user(np.flatnonzero(status == EMPTY_TITLE)),
+        "n_duplicate": per_user(np.flatnonzero(dup)),
+        "n_valid": n_valid,
+        "examples": pa.array([examples] + [[]] * (len(first) - 1) if len(first) else [],
+                             pa.list_(pa.string())),
+        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items[listed], pa.string())),
+        "times": pa.ListArray.from_arrays(offsets, pa.array(times[listed], pa.int64())),
+    }, schema=USER_ROW)
+
+
+def _sample_keys(users: pa.Table) -> pa.Table:
+    """(sample id, target time, target item) of every sample: each position after the first."""
+    lengths = pc.list_value_length(users.column("item_ids")).to_numpy(zero_copy_only=False)
+    items = pc.list_flatten(users.column("item_ids")).to_numpy(zero_copy_only=False)
+    times = pc.list_flatten(users.column("times")).to_numpy(zero_copy_only=False)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]] if len(lengths) else np.array([], int)
+    position = np.arange(len(items)) - np.repeat(starts, lengths)
+    is_target = position >= 1
+    user_ids = np.repeat(users.column("user_id").to_numpy(zero_copy_only=False), lengths)
+    sample_ids = pc.binary_join_element_wise(pa.array(user_ids[is_target], pa.string()),
+                                             pa.array(position[is_target].astype(str)), ":")
+    return pa.table({"sample_id": sample_ids, "target_time": pa.array(times[is_target], pa.int64()),
+                     "target_item_id": pa.array(items[is_target], pa.string())}, schema=KEYS)
+
+
+def _samples_of_users(users: pa.Table, sample_ids: list[str], history_len: int) -> pa.Table:
+    """The chosen samples with their histories, built from their users' sequences."""
+    by_user = {r["user_id"]: r for r in users.to_pylist()}
+    rows = []
+    for sample_id in sample_ids:
+        user, pos = sample_id.rsplit(":", 1)
+        seq, pos = by_user[user], int(pos)
+        rows.append({"sample_id": sample_id, "user_id": user,
+                     "history_item_ids": seq["item_ids"][max(0, pos - history_len):pos],
+                     "target_item_id": seq["item_ids"][pos], "target_time": seq["times"][pos]})
+    table = pa.Table.from_pylist(rows, schema=SAMPLE)
+    # Block order varies with parallelism; this order does not.
+    order = pc.sort_indices(table, sort_keys=[("target_time", "ascending"), ("sample_id", "ascending")])
+    return table.take(order)
 
 
 # ---------------------------------------------------------------- split + subsets
@@ -226,14 +259,22 @@ def choose_groups(train_targets: list[str], item_categories: dict[str, list[str]
 
 def _collect_users(source: Source, catalog: pa.Table, empty_title_items: pa.Array,
                    cfg: DataConfig) -> ray.data.Dataset:
+    """Classify rows, hash-partition by user, summarise each user (one vectorised call per
+    block: a partition holds every row of its users, as Ray's own map_groups relies on)."""
     classified = source.interactions.map_batches(
         _classify, batch_format="pyarrow",
         fn_kwargs={"valid_items": catalog.column("item_id").combine_chunks(),
                    "empty_title_items": empty_title_items})
-    return classified.groupby("user_id").map_groups(
-        _user_rows, batch_format="pyarrow",
-        fn_kwargs={"min_interactions": cfg.min_interactions,
-                   "history_len": cfg.history_len}).materialize()
+    partitions = cfg.partitions or max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    return classified.repartition(partitions, keys=["user_id"]).map_batches(
+        _users_of_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"min_interactions": cfg.min_interactions}).materialize()
+
+
+def _gather(ds: ray.data.Dataset, columns: list[str] | None = None) -> pa.Table:
+    if columns is not None:
+        ds = ds.select_columns(columns)
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
 def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = False) -> dict:
@@ -248,9 +289,8 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
                                  pa.string())
 
     users = _collect_users(source, catalog, empty_title_items, cfg)
-    user_stats = pa.concat_tables(ray.get(users.select_columns(
-        ["n_raw", "n_bad_row", "n_unknown_item", "n_empty_title", "n_duplicate", "n_valid"]
-    ).to_arrow_refs()))
+    user_stats = _gather(users, ["n_raw", "n_bad_row", "n_unknown_item", "n_empty_title",
+                                 "n_duplicate", "n_valid"])
     totals = {name: int(pc.sum(user_stats.column(name)).as_py() or 0)
               for name in user_stats.column_names}
     n_valid = user_stats.column("n_valid").to_numpy()
@@ -259,21 +299,20 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
         raise DataError(f"no user has {cfg.min_interactions} usable interactions "
                         f"(data.min_interactions); {len(n_valid)} users, at most "
                         f"{int(n_valid.max()) if len(n_valid) else 0} each")
-    examples = [e for b in users.select_columns(["examples"]).iter_batches(batch_format="pyarrow")
-                for e in pc.list_flatten(b.column("examples")).to_pylist()][:4 * MAX_EXAMPLES]
+    examples = pc.list_flatten(_gather(users, ["examples"]).column("examples")).to_pylist()
+    examples = sorted(examples)[:4 * MAX_EXAMPLES]      # sorted: the same whatever the blocks
 
-    samples = users.map_batches(_explode_samples, batch_format="pyarrow").materialize()
-    keys = pa.concat_tables(ray.get(samples.select_columns(
-        ["sample_id", "target_time"]).to_arrow_refs()))
+    keys = _gather(users.map_batches(_sample_keys, batch_format="pyarrow"))
     sample_ids = keys.column("sample_id").to_numpy(zero_copy_only=False)
     split = assign_splits(keys.column("target_time").to_numpy(), sample_ids, cfg.split)
     hashes = sample_hash(sample_ids, cfg.seed)
     sizes = dict(zip(SPLITS, (cfg.n_train, cfg.n_valid, cfg.n_test)))
-    chosen = {name: set(sample_ids[choose_subset(hashes, split == i, sizes[name])])
+    chosen = {name: sample_ids[choose_subset(hashes, split == i, sizes[name])].tolist()
               for i, name in enumerate(SPLITS)}
-    train_ids = pa.array(sample_ids[split == 0], pa.string())
 
-    train_target_items = _train_target_items(samples, train_ids)
+    train_target_items = keys.column("target_item_id").filter(pa.array(split == 0)).to_pylist()
+    n_samples = keys.num_rows
+    del keys, sample_ids, hashes
     item_categories = dict(zip(catalog.column("item_id").to_pylist(),
                                catalog.column("categories").to_pylist()))
     groups, dropped_groups, group_freq = choose_groups(
@@ -283,7 +322,13 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     catalog = catalog.append_column("train_count", pa.array(
         [train_counts.get(i, 0) for i in catalog.column("item_id").to_pylist()], pa.int64()))
     titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
-    subsets = {name: _with_prompts(_take(samples, chosen[name]), titles, cfg.noun)
+    wanted_users = pa.array(sorted({sid.rsplit(":", 1)[0] for ids in chosen.values() for sid in ids}),
+                            pa.string())
+    chosen_users = _gather(users.map_batches(
+        lambda t: t.filter(pc.is_in(t.column("user_id"), value_set=wanted_users)),
+        batch_format="pyarrow"))
+    subsets = {name: _with_prompts(_samples_of_users(chosen_users, chosen[name], cfg.history_len),
+                                   titles, cfg.noun)
                for name in SPLITS}
 
     stats = {
@@ -303,7 +348,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
         },
         "users": {"seen": len(n_valid), "kept": kept_users,
                   "dropped_fewer_than_min_interactions": len(n_valid) - kept_users},
-        "samples": {"total": len(sample_ids),
+        "samples": {"total": n_samples,
                     "skipped_empty_history": kept_users,
                     **{f"{name}_split": int((split == i).sum()) for i, name in enumerate(SPLITS)},
                     **{f"{name}_subset": subsets[name].num_rows for name in SPLITS}},
@@ -314,25 +359,6 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     }
     _write(output, subsets, catalog, groups, dropped_groups, group_freq, stats)
     return stats
-
-
-def _train_target_items(samples: ray.data.Dataset, train_ids: pa.Array) -> list[str]:
-    def keep_train(t: pa.Table) -> pa.Table:
-        return t.filter(pc.is_in(t.column("sample_id"), value_set=train_ids)).select(["target_item_id"])
-    parts = samples.map_batches(keep_train, batch_format="pyarrow").to_arrow_refs()
-    return pa.concat_tables(ray.get(parts)).column("target_item_id").to_pylist()
-
-
-def _take(samples: ray.data.Dataset, ids: set[str]) -> pa.Table:
-    wanted = pa.array(sorted(ids), pa.string())
-    parts = samples.map_batches(
-        lambda t: t.filter(pc.is_in(t.column("sample_id"), value_set=wanted)),
-        batch_format="pyarrow").to_arrow_refs()
-    table = pa.concat_tables(ray.get(parts), promote_options="default")
-    # Block order varies with parallelism; this order does not.
-    order = pc.sort_indices(table, sort_keys=[("target_time", "ascending"),
-                                              ("sample_id", "ascending")])
-    return table.take(order)
 
 
 def _with_prompts(samples: pa.Table, titles: dict[str, str], noun: str) -> pa.Table:
