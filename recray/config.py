@@ -49,6 +49,7 @@ class DataConfig(Strict):
     exclude_categories: list[str] = ["unknown"]   # never a fairness group (MovieLens "unknown")
     seed: int = 0
     on_bad_rows: Literal["error", "drop"] = "error"   # drop: count and report instead of stopping
+    partitions: int | None = Field(None, ge=1)  # user hash partitions; None: 2 x cluster CPUs
 
     @model_validator(mode="after")
     def _split_sums_to_one(self):
@@ -62,9 +63,147 @@ class RayConfig(Strict):
     num_cpus: int | None = None         # local instance only
 
 
+class LoraConfig(Strict):
+    """PEFT LoRA adapter; enabled: false trains all weights (full fine-tuning)."""
+    enabled: bool = True
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"   # every attention and MLP projection
+
+
+class ScalingConfig(Strict):
+    """Ray Train workers: the same code runs 2 CPU workers here and N GPU workers on a cluster."""
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)   # used only when use_gpu
+
+
+class DeepSpeedConfig(Strict):
+    """ZeRO through TRL's `deepspeed=` argument; stage null means plain DDP (no DeepSpeed)."""
+    stage: Literal[0, 1, 2, 3] | None = None
+    offload_optimizer: bool = False           # ZeRO optimizer state on CPU (compiles cpu_adam once)
+    config_file: str | None = None            # a DeepSpeed JSON merged over the generated one
+
+
+class StepConfig(Strict):
+    """One training step of the loop (in-loop SFT, DPO): paper lr 2e-5, 1 epoch."""
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: float = Field(1, gt=0)
+
+
+class InitialSftConfig(StepConfig):
+    """The initial SFT (pi_0, = BIGRec): paper lr 3e-4, 4 epochs."""
+    learning_rate: float = Field(3e-4, gt=0)
+    epochs: float = Field(4, gt=0)
+
+
+class TrainConfig(Strict):
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    # Paper defaults: initial SFT 3e-4 x 4 epochs; in-loop SFT and DPO 2e-5 x 1 epoch.
+    sft: InitialSftConfig = Field(default_factory=InitialSftConfig)
+    sft_loop: StepConfig = Field(default_factory=StepConfig)
+    dpo: StepConfig = Field(default_factory=StepConfig)
+    beta: float = Field(0.1, gt=0)
+    max_negatives: int | None = Field(None, ge=1)   # use at most this many rejected answers per prompt
+    reweight: bool = False                 # IFairLRS RW: per-sample SFT weights from group shares
+    max_length: int = Field(512, ge=8)     # prompt + answer tokens; history is cut from the left
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(50, ge=1)      # Ray Train checkpoint every this many optimizer steps
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)     # worker-group restarts from the last checkpoint
+    storage_path: str | None = None        # Ray Train checkpoints; None: <output>/checkpoints
+    keep_checkpoint_files: bool = False    # keep <storage>/ after a successful fit
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+class DecodingConfig(Strict):
+    """How answers are decoded: greedy (1 answer), beam (width, number returned), sample (n)."""
+    mode: Literal["greedy", "beam", "sample"] = "greedy"
+    num_beams: int = Field(4, ge=1)         # beam: width
+    num_return: int = Field(1, ge=1)        # beam: answers returned, best first (<= num_beams)
+    n: int = Field(1, ge=1)                 # sample: answers per prompt
+    temperature: float = Field(1.0, gt=0)   # sample
+    top_p: float = Field(1.0, gt=0, le=1)   # sample
+    max_new_tokens: int = Field(32, ge=1)   # a title line is short; decoding stops at its end
+    seed: int = 0                           # sample
+
+    @model_validator(mode="after")
+    def _returns_fit_beams(self):
+        if self.num_return > self.num_beams:
+            raise ValueError("generate.decoding.num_return must not exceed num_beams")
+        return self
+
+    @property
+    def num_candidates(self) -> int:
+        return {"greedy": 1, "beam": self.num_return, "sample": self.n}[self.mode]
+
+
+class GenerateConfig(Strict):
+    """Generation (negatives and evaluation): backend, actor pool, decoding, negatives."""
+    backend: Literal["auto", "vllm", "hf"] = "auto"   # auto: vllm where it is installed
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    actors: int = Field(1, ge=1)            # engines in the pool, one per Ray actor
+    cpus_per_actor: float = Field(1, ge=0)  # Ray CPUs reserved per actor
+    gpus_per_actor: float = Field(0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)        # vllm, GPU
+    threads_per_actor: int | None = Field(None, ge=1) # CPU compute threads; None: cores // actors
+    batch_size: int = Field(64, ge=1)       # prompts per Ray Data batch (one engine call)
+    max_model_len: int = Field(1024, ge=16) # prompt + answer tokens; longer prompts are shortened
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
+    hf_max_sequences: int = Field(64, ge=1) # hf: sequences (prompts x beams) per generate call
+    max_lora_rank: int = Field(16, ge=1)    # vllm: largest adapter rank it accepts
+    vllm_kvcache_gb: int = Field(2, ge=1)   # vllm CPU: VLLM_CPU_KVCACHE_SPACE
+    vllm_threads_bind: str = "per-actor"    # vllm CPU: per-actor | auto | nobind | "0-1"
+    vllm_reserved_cpus: int = Field(0, ge=0)          # vllm CPU: VLLM_CPU_NUM_OF_RESERVED_CPU
+    enforce_eager: bool | None = None       # vllm; None: eager on CPU (compiling does not pay)
+    max_restarts: int = Field(3, ge=0)      # per actor, after its process dies
+    max_attempts: int = Field(4, ge=1)      # per batch, across actors
+    start_timeout_s: float = Field(900, gt=0)
+    # negatives (spec §3)
+    n_negatives: int = Field(1, ge=1)       # N; 2N candidates are decoded
+    source: Literal["self", "random"] = "self"   # random: SPRec-RN, DMPO, SDPO
+    random_ratio: float = Field(0.0, ge=0, le=1)  # rho: share of self-play negatives made random
+    ground: bool = False                    # replace each negative by its nearest catalog title
+    fill_short: bool = True                 # top up rows short of N with random catalog items
+
+
+class EvaluateConfig(Strict):
+    """Spec §4: one answer per prompt (beam search, 4 beams, first beam), grounded to the catalog."""
+    decoding: DecodingConfig = Field(
+        default_factory=lambda: DecodingConfig(mode="beam", num_beams=4, num_return=1))
+    embedder: Literal["sentence", "hidden"] = "sentence"   # MiniLM, or the LLM's last hidden state
+    splits: list[Literal["valid", "test"]] = ["valid", "test"]  # evaluated after every iteration
+    limit: int | None = Field(None, ge=1)                      # first N samples of each split
+
+
+class LoopConfig(Strict):
+    """The self-play loop (spec §3); `method` picks the baseline or ablation."""
+    method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
+                    "sdpo", "rw"] = "sprec"
+    base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2
+    iterations: int = Field(5, ge=0)        # T
+    samples_per_iteration: int = Field(2048, ge=1)   # n_t, drawn from the train subset
+    seed: int = 0
+
+
 class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
