@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
+from recray.atomic import atomic_dir
 from recray.config import DataConfig
 from recray.data.loaders import Source
 from recray.data.prompts import build_completion, build_prompt
@@ -374,9 +373,7 @@ def _with_prompts(samples: pa.Table, titles: dict[str, str], noun: str) -> pa.Ta
 
 def _write(output: Path, subsets: dict[str, pa.Table], catalog: pa.Table, groups: list[str],
            dropped_groups: dict, group_freq: dict, stats: dict) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with atomic_dir(output) as staging:
         for name, table in subsets.items():
             (staging / name).mkdir()
             pq.write_table(table, staging / name / "part-00000.parquet")
@@ -385,12 +382,6 @@ def _write(output: Path, subsets: dict[str, pa.Table], catalog: pa.Table, groups
             "groups": groups, "dropped": dropped_groups,
             "train_target_frequency": {g: group_freq[g] for g in groups}}, indent=1))
         (staging / "stats.json").write_text(json.dumps(stats, indent=1))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def summary_table(stats: dict) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recray.atomic import atomic_dir
 from recray.data.prompts import parse_title
 from recray.errors import DataError, RecrayError
 from recray.evaluate.grounding import Embedder, catalog_embeddings, rank_catalog
@@ -96,18 +95,9 @@ def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[
 
 def write_evaluation(output: Path, predictions: pa.Table, metrics: dict) -> None:
     """Both files appear together or not at all."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with atomic_dir(output) as staging:
         pq.write_table(predictions, staging / "predictions.parquet")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def make_embedder(kind: str, policy=None) -> Embedder:
