@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from recray.errors import RecrayError
+
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
