@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from recray.errors import RecrayError
@@ -62,11 +63,80 @@ def cmd_evaluate(args) -> None:
     print(f"\nwrote {Path(args.output) / 'predictions.parquet'} and {Path(args.output) / 'metrics.json'}")
 
 
+def cmd_generate(args) -> None:
+    import pyarrow.parquet as pq
+
+    from recray.assets import model_dir
+    from recray.config import load_config
+    from recray.generate import GenerationPool, Policy
+    from recray.generate.negatives import make_negatives
+    from recray.generate.pool import write_parquet
+    from recray.runtime import init_ray
+
+    overrides = list(args.overrides)
+    if args.negatives is not None:
+        overrides.append(f"generate.n_negatives={args.negatives}")
+    cfg = load_config(args.config, overrides)
+    init_ray(cfg.ray)
+    data, output = Path(args.data), Path(args.output)
+    samples = pq.read_table(data / args.split)
+    if args.limit is not None:
+        samples = samples.slice(0, args.limit)
+    policy = Policy(model=args.model or str(model_dir()), adapter=args.adapter)
+    with GenerationPool(cfg.generate, policy.model) as pool:
+        if args.negatives is None:
+            path = write_parquet(pool.generate(samples, policy), output / "generations.parquet")
+            print(json.dumps(pool.last_run, indent=1))
+        else:
+            result = make_negatives(pool, samples, policy, data / "catalog.parquet", cfg.generate,
+                                    output, seed=cfg.generate.decoding.seed)
+            path = result.path
+            print(json.dumps({k: v for k, v in result.stats.items() if not isinstance(v, dict)},
+                             indent=1))
+    print(f"wrote {path}")
+
+
+def cmd_train(args) -> None:
+    from recray.assets import model_dir
+    from recray.config import load_config
+    from recray.errors import ConfigError
+    from recray.train import dpo, sft
+
+    cfg = load_config(args.config, args.overrides)
+    model = args.model or str(model_dir())
+    # sft/dpo check every input, then start Ray (ray.address / RAY_ADDRESS) and the workers.
+    if args.step == "sft":
+        if args.data is None:
+            raise ConfigError("recray train sft needs --data (a prepared directory or Parquet)")
+        result = sft(model, args.data, args.output, cfg, phase=args.phase, adapter=args.adapter)
+    else:
+        if args.negatives is None:
+            raise ConfigError("recray train dpo needs --negatives (a negatives Parquet)")
+        result = dpo(model, args.negatives, args.output, cfg, adapter=args.adapter)
+    print(json.dumps(result.metrics, indent=1))
+    print(f"model: {result.model_dir}" + (f"\nadapter: {result.adapter_dir}" if result.adapter_dir else ""))
+
+
 def cmd_report(args) -> None:
     from recray.evaluate.report import report
     path = report([Path(d) for d in args.runs], Path(args.output), split=args.split)
     print(path.read_text())
     print(f"report: {path}")
+
+
+def cmd_run(args) -> None:
+    from recray.config import load_config
+    from recray.job import run_job
+
+    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        name = args.name or time.strftime(f"{cfg.loop.method}-%Y%m%d-%H%M%S")
+        run_dir = Path(args.runs) / name
+    run = run_job(cfg, run_dir, resume=bool(args.resume), force=args.force)
+    print((run.root / "report" / "report.md").read_text())
+    print(f"run directory: {run.root}\nreport: {run.root / 'report' / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +164,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for predictions.parquet, metrics.json")
     _config_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="candidate answers or DPO negatives for a prepared split")
+    p.add_argument("--data", required=True, help="a `recray prepare` output directory")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="train")
+    p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder on top of --model")
+    p.add_argument("--negatives", type=int, metavar="N",
+                   help="write negatives.parquet with N negatives per prompt (else generations.parquet)")
+    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--output", required=True, help="output directory")
+    _config_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="the main job: prepare -> self-play loop -> evaluation -> report")
+    p.add_argument("--name", help="run name (default: <method>-<date>-<time>)")
+    p.add_argument("--runs", default="runs", help="parent directory of run directories")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished stage")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed")
+    _config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="one SFT or DPO step on Ray Train (+ DeepSpeed, TRL, PEFT)")
+    p.add_argument("step", choices=["sft", "dpo"])
+    p.add_argument("--data", help="sft: a `recray prepare` directory or a Parquet file/directory")
+    p.add_argument("--negatives", help="dpo: Parquet with sample_id, prompt, chosen, rejected")
+    p.add_argument("--output", required=True, help="output directory (adapter/, model/, summary.json)")
+    p.add_argument("--model", help="model folder to start from (default: the embedded SmolLM2-135M); "
+                                   "for dpo also the frozen reference")
+    p.add_argument("--adapter", help="a LoRA adapter on --model to keep training")
+    p.add_argument("--phase", choices=["initial", "loop"], default="initial",
+                   help="sft: learning rate/epochs from train.sft (initial) or train.sft_loop")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="Markdown + PNG report comparing run directories")
     p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl) or evaluation directories")

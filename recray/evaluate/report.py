@@ -2,7 +2,8 @@
 
 A run directory holds `metrics.jsonl`, one JSON object per (iteration, split) with the
 keys `method`, `iteration`, `split` and the metrics of `metrics.json`. One run may hold
-several methods: a SPRec run's iteration 0 is π_0, i.e. BIGRec. A bare evaluation
+several methods: a SPRec run's iteration 0 is π_0, i.e. BIGRec (unless copied from another
+run by `loop.init_from`: then it shows in the curves but counts once). A bare evaluation
 directory (just `metrics.json`) also works: it counts as iteration 0 of a method named
 after the directory. Runs of the same method (e.g. seeds) are averaged, mean ± std.
 """
@@ -38,8 +39,9 @@ def load_rows(run_dir: Path) -> list[dict]:
 
 
 def final_rows(rows: list[dict], split: str) -> list[dict]:
-    """Each run's last iteration on `split`."""
-    on_split = [r for r in rows if r.get("split") == split]
+    """Each run's last iteration on `split`; rows a run copied from another (loop.init_from)
+    are that other run's, so they count there only."""
+    on_split = [r for r in rows if r.get("split") == split and "reused_from" not in r]
     if not on_split:
         return []
     last = max(r["iteration"] for r in on_split)

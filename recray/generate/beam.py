@@ -1,0 +1,77 @@
+"""Beam search over any next-token step function, with the title-line stop.
+
+vLLM's own `LLM.beam_search` ends a beam only at EOS, so its beams run past the end of
+the title line and are ranked by what follows it. This is the same search as transformers'
+(`length_penalty=0`, `early_stopping=False`): each step extends every running beam by its
+2·width most likely tokens, keeps the 2·width best candidates by cumulative log-prob;
+candidates that finish (EOS or the title-line stop) and rank within the first `width`
+become hypotheses, the best `width` unfinished ones run on. A prompt is done when it holds
+`width` hypotheses and no running beam scores above the worst of them (scores only fall),
+or at max_new_tokens, where running beams join the hypotheses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+# seqs (prompt + generated token ids) -> for each, {token id: log-prob} of >= k likely tokens
+StepFn = Callable[[list[list[int]], int], list[dict[int, float]]]
+
+
+@dataclass
+class Beam:
+    tokens: list[int]           # generated tokens only
+    score: float                # cumulative log-prob
+
+
+@dataclass
+class _Search:
+    prompt: list[int]
+    running: list[Beam] = field(default_factory=lambda: [Beam([], 0.0)])
+    finished: list[Beam] = field(default_factory=list)
+
+    def done(self, width: int) -> bool:
+        if not self.running:
+            return True
+        if len(self.finished) < width:
+            return False
+        worst = sorted(b.score for b in self.finished)[-width]
+        return max(b.score for b in self.running) <= worst
+
+
+def _advance(search: _Search, top: list[dict[int, float]], width: int,
+             is_finished: Callable[[list[int]], bool]) -> None:
+    candidates = [Beam(beam.tokens + [token], beam.score + logprob)
+                  for beam, options in zip(search.running, top)
+                  for token, logprob in options.items()]
+    # Best first; ties by token sequence, so the order never depends on dict order.
+    candidates.sort(key=lambda b: (-b.score, b.tokens))
+    running = []
+    for rank, beam in enumerate(candidates[: 2 * width]):
+        if is_finished(beam.tokens):
+            if rank < width:
+                search.finished.append(beam)
+        elif len(running) < width:
+            running.append(beam)
+    search.running = running
+
+
+def beam_search(prompts: Sequence[list[int]], step: StepFn, width: int, num_return: int,
+                max_new_tokens: int, is_finished: Callable[[list[int]], bool]) -> list[list[Beam]]:
+    """For each prompt, its `num_return` best hypotheses, best first."""
+    searches = [_Search(list(p)) for p in prompts]
+    for _ in range(max_new_tokens):
+        live = [s for s in searches if not s.done(width)]
+        if not live:
+            break
+        seqs = [s.prompt + b.tokens for s in live for b in s.running]
+        tops = iter(step(seqs, 2 * width))
+        for s in live:
+            _advance(s, [next(tops) for _ in s.running], width, is_finished)
+    out = []
+    for s in searches:
+        # Stopped early: no running beam can beat the hypotheses. Else they compete.
+        pool = s.finished if s.done(width) else s.finished + s.running
+        out.append(sorted(pool, key=lambda b: (-b.score, b.tokens))[:num_return])
+    return out

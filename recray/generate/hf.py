@@ -1,0 +1,125 @@
+"""The `hf` backend: transformers `generate` (sdpa attention) inside a generation actor.
+
+Scores are cumulative log-probs of the answer's tokens under the policy's raw
+distribution (before temperature / top-p), as vLLM reports them: greedy and sampled
+answers are scored from the returned raw logits; beam answers carry transformers' beam
+score, which with `length_penalty=0` is that same sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from recray.config import DecodingConfig, GenerateConfig
+from recray.generate.policy import Policy
+from recray.generate.text import STOP, Answers, Candidate
+
+
+def _dtype(cfg: GenerateConfig, on_gpu: bool) -> torch.dtype:
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    return getattr(torch, name)
+
+
+def _generation_config(d: DecodingConfig, tokenizer) -> GenerationConfig:
+    common = dict(max_new_tokens=d.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, stop_strings=[STOP],
+                  return_dict_in_generate=True)
+    if d.mode == "beam":
+        return GenerationConfig(**common, num_beams=d.num_beams, num_return_sequences=d.num_return,
+                                do_sample=False, length_penalty=0.0, early_stopping=False,
+                                output_scores=True)
+    if d.mode == "sample":
+        return GenerationConfig(**common, do_sample=True, num_return_sequences=d.n,
+                                temperature=d.temperature, top_p=d.top_p, top_k=0,
+                                output_logits=True)
+    return GenerationConfig(**common, do_sample=False, num_beams=1, output_logits=True)
+
+
+class HFBackend:
+    def __init__(self, model: str, cfg: GenerateConfig, threads: int):
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available()
+                                   else "cpu")
+        self.model_path: str | None = None
+        self.adapter_key: tuple[str, int] | None = None
+        self._load(model)
+
+    def _load(self, model: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=_dtype(self.cfg, self.device.type == "cuda"),
+            attn_implementation="sdpa", local_files_only=True).to(self.device).eval()
+        # Only what each call asks for: no defaults inherited from the folder's config.
+        self.model.generation_config = GenerationConfig()
+        self.answers = Answers(self.tokenizer)
+        self.peft = None
+        self.model_path, self.adapter_key = model, None
+
+    def set_policy(self, policy: Policy, adapter_id: int | None) -> None:
+        if policy.model != self.model_path:
+            self._load(policy.model)
+        if policy.adapter is None or self.adapter_key == (policy.adapter, adapter_id):
+            return
+        name = f"policy-{adapter_id}"
+        if self.peft is None:
+            from peft import PeftModel
+            self.peft = PeftModel.from_pretrained(self.model, policy.adapter, adapter_name=name)
+        else:
+            old = self.peft.active_adapter
+            self.peft.load_adapter(policy.adapter, adapter_name=name)
+            self.peft.set_adapter(name)
+            self.peft.delete_adapter(old)
+        self.peft.eval()
+        self.adapter_key = (policy.adapter, adapter_id)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], d: DecodingConfig, seeds: list[int],
+                 policy: Policy) -> list[list[Candidate]]:
+        """Prompts of similar length go together, at most hf_max_sequences sequences a call."""
+        width = {"greedy": 1, "beam": d.num_beams, "sample": d.n}[d.mode]
+        per_call = max(1, self.cfg.hf_max_sequences // width)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        model = self.peft if self.peft is not None else self.model
+        base_only = self.peft is not None and policy.adapter is None
+        out: list[list[Candidate]] = [[] for _ in prompt_ids]
+        with self.peft.disable_adapter() if base_only else contextlib.nullcontext():
+            for start in range(0, len(order), per_call):
+                rows = order[start:start + per_call]
+                found = self._generate(model, [prompt_ids[i] for i in rows], d, seeds[rows[0]])
+                for i, candidates in zip(rows, found):
+                    out[i] = candidates
+        return out
+
+    def _generate(self, model, batch: list[list[int]], d: DecodingConfig,
+                  seed: int) -> list[list[Candidate]]:
+        width = max(len(x) for x in batch)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch],
+                            device=self.device)
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask,
+                             generation_config=_generation_config(d, self.tokenizer),
+                             tokenizer=self.tokenizer)
+        new = out.sequences[:, width:].tolist()
+        lengths = [self.answers.length(t) for t in new]
+        if d.mode == "beam":
+            scores = out.sequences_scores.float().tolist()
+        else:
+            logprobs = torch.stack(out.logits, 1).float().log_softmax(-1)
+            token_lp = logprobs.gather(-1, out.sequences[:, width:, None])[..., 0]
+            scores = [token_lp[r, :n].sum().item() for r, n in enumerate(lengths)]
+        flat = [Candidate(self.answers.text(t[:n]), s, n) for t, n, s in zip(new, lengths, scores)]
+        k = len(flat) // len(batch)
+        return [flat[i * k:(i + 1) * k] for i in range(len(batch))]
+
+    def close(self) -> None:
+        self.model = self.peft = None
+

@@ -1,0 +1,43 @@
+"""The main job: prepare (if missing) → self-play loop → report, in one run directory.
+
+    recray run -c configs/ml100k.yaml --name demo          # CLI
+    python jobs/sprec.py -c configs/ml100k.yaml             # under `ray job submit`
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from recray.config import Config
+from recray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = False) -> RunDir:
+    from recray.data.loaders import load
+    from recray.data.prepare import prepare, summary_table
+    from recray.evaluate.report import report
+    from recray.loop import run_loop, write_metrics_log
+    from recray.runtime import init_ray
+
+    config = cfg.model_dump(mode="json")
+    seeds = {"data": cfg.data.seed, "loop": cfg.loop.seed, "train": cfg.train.seed,
+             "decoding": cfg.generate.decoding.seed}
+    run = RunDir.resume(run_dir, config, force) if resume else RunDir.create(run_dir, config, seeds)
+    start = time.time()
+    try:
+        init_ray(cfg.ray)
+        if not run.done("prepared"):
+            with run.stage("prepared") as out:
+                stats = prepare(load(cfg.data), cfg.data, out, overwrite=True)
+                print(summary_table(stats))
+        run_loop(cfg, run, run.path("prepared"))
+        write_metrics_log(run)
+        path = report([run.root], run.root / "report")
+        log.info("run %s finished in %.0f s; report: %s", run.root, time.time() - start, path)
+    finally:
+        run.release()
+    return run

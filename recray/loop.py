@@ -1,0 +1,226 @@
+"""The SPRec self-play loop (spec §3), every baseline and ablation from this one page.
+
+    π_0 = SFT(base, train subset)                                   # = BIGRec
+    for t = 1..T:
+        D_t = seeded sample of n_t train samples
+        negatives = generate(π_{t-1}, prompts(D_t), N)              # or random catalog titles
+        π'  = SFT(π_{t-1}, positives(D_t))                          # skipped by sprec-nosft
+        π_t = DPO(π', ref = frozen π', (prompt, positive, negatives), β)   # skipped by sprec-nodpo
+        evaluate π_t on valid and test
+
+Policies are LoRA adapters on the one base model, so the generation pool keeps its
+engines for the whole run and hot-swaps each iteration's adapter. Every box above is a
+stage of the run directory: written under a temp name, renamed when complete, skipped
+on --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recray.config import Config
+from recray.errors import ConfigError
+from recray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    loop: bool = True           # False: π_0 only
+    sft: bool = True            # the in-loop SFT step
+    dpo: bool = True            # the DPO step
+    negatives: str = "self"     # "self": the policy's answers; "random": catalog titles
+    pairwise: bool = False      # DMPO: one standard DPO pair per negative instead of S-DPO
+    one_pass: bool = False      # DMPO, SDPO: a single DPO pass (T = 1)
+    reweight: bool = False      # RW (IFairLRS): re-weighted initial SFT
+
+
+METHODS = {
+    "sprec": Method(),
+    "bigrec": Method(loop=False),
+    "sprec-nodpo": Method(dpo=False),
+    "sprec-nosft": Method(sft=False),
+    "sprec-rn": Method(negatives="random"),
+    "dmpo": Method(sft=False, negatives="random", pairwise=True, one_pass=True),
+    "sdpo": Method(sft=False, negatives="random", one_pass=True),
+    "rw": Method(loop=False, reweight=True),
+}
+
+
+def iteration_samples(train: pa.Table, n: int, seed: int, iteration: int) -> pa.Table:
+    """D_t: the n train samples with the smallest keyed hash for (seed, t); all if fewer."""
+    from recray.data.prepare import sample_hash
+    if n >= train.num_rows:
+        return train
+    hashes = sample_hash(train.column("sample_id").to_numpy(zero_copy_only=False),
+                         seed * 1000 + iteration)
+    keep = np.sort(np.argsort(hashes, kind="stable")[:n])
+    return train.take(pa.array(keep))
+
+
+def pairwise(negatives: pa.Table) -> pa.Table:
+    """DMPO's pairs: one (prompt, chosen, [rejected_j]) row per negative j."""
+    rows = [{**r, "rejected": [rej], "rejected_scores": [score]}
+            for r in negatives.to_pylist()
+            for rej, score in zip(r["rejected"], r["rejected_scores"])]
+    return pa.Table.from_pylist(rows, schema=negatives.schema)
+
+
+def run_loop(cfg: Config, run: RunDir, prepared: Path) -> None:
+    from recray import train
+    from recray.generate import GenerationPool, Policy
+    from recray.generate.negatives import make_negatives
+
+    method = METHODS[cfg.loop.method]
+    base = cfg.loop.base_model or str(_embedded_model())
+    train_cfg = cfg.model_copy(deep=True)
+    train_cfg.train.reweight = cfg.train.reweight or method.reweight
+    iterations = 0 if not method.loop else (1 if method.one_pass else cfg.loop.iterations)
+    catalog = pq.read_table(prepared / "catalog.parquet")
+    train_split = pq.read_table(prepared / "train")
+
+    check_resources(cfg)
+    with GenerationPool(cfg.generate, base) as pool:
+        if cfg.loop.init_from:
+            reuse_initial_policy(run, Path(cfg.loop.init_from), cfg)
+        elif not run.done("it0/policy"):
+            with run.stage("it0/policy") as out:
+                train.sft(base, prepared, out, train_cfg, phase="initial")
+        policy = Policy(base, str(run.path("it0/policy") / "adapter"))
+        _evaluate(run, 0, policy, pool, cfg, prepared, label="rw" if method.reweight else "bigrec")
+
+        for t in range(1, iterations + 1):
+            it = f"it{t}"
+            if not run.done(f"{it}/samples"):
+                with run.stage(f"{it}/samples") as out:
+                    pq.write_table(iteration_samples(train_split, cfg.loop.samples_per_iteration,
+                                                     cfg.loop.seed, t), out / "samples.parquet")
+            samples = run.path(f"{it}/samples") / "samples.parquet"
+
+            if method.dpo and not run.done(f"{it}/negatives"):
+                with run.stage(f"{it}/negatives") as out:
+                    gen = cfg.generate.model_copy(update={"source": method.negatives})
+                    make_negatives(pool, pq.read_table(samples), policy, catalog,
+                                   gen, out, seed=cfg.loop.seed * 1000 + t)
+                    if method.pairwise:
+                        pq.write_table(pairwise(pq.read_table(out / "negatives.parquet")),
+                                       out / "negatives.parquet")
+
+            reference = policy                                    # π' = π_{t-1} without SFT
+            if method.sft:
+                if not run.done(f"{it}/sft"):
+                    with run.stage(f"{it}/sft") as out:
+                        train.sft(base, samples, out, cfg, phase="loop", adapter=policy.adapter)
+                reference = Policy(base, str(run.path(f"{it}/sft") / "adapter"))
+
+            policy = reference
+            if method.dpo:
+                if not run.done(f"{it}/policy"):
+                    with run.stage(f"{it}/policy") as out:
+                        train.dpo(base, run.path(f"{it}/negatives") / "negatives.parquet", out,
+                                  cfg, adapter=reference.adapter)
+                policy = Policy(base, str(run.path(f"{it}/policy") / "adapter"))
+            _evaluate(run, t, policy, pool, cfg, prepared, label=cfg.loop.method)
+    write_metrics_log(run)
+
+
+# What makes two runs' π_0 the same model evaluated the same way.
+INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "train.reweight",
+                       "train.max_length", "train.seed", "evaluate")
+
+
+def reuse_initial_policy(run: RunDir, source: Path, cfg: Config) -> None:
+    """Start from another run's π_0 (ablations of one seed share it): copy its it0 stages,
+    marking the evaluation rows as reused so a report counts that model once."""
+    from recray.rundir import config_diff
+    if not (source / "it0" / "policy" / ".stage.json").exists():
+        raise ConfigError(f"loop.init_from: {source} holds no finished it0/policy stage")
+    theirs = json.loads((source / "manifest.json").read_text())["config"]
+    ours = cfg.model_dump(mode="json")
+    differences = []
+    for key in INITIAL_POLICY_KEYS:
+        a, b = _pick(theirs, key), _pick(ours, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_diff(a, b, key + ".")
+        elif a != b:
+            differences.append(f"{key}: {a!r} -> {b!r}")
+    if differences:
+        raise ConfigError(f"loop.init_from: {source} trained π_0 with another config:\n  "
+                          + "\n  ".join(differences))
+    stages = ["it0/policy"] + [f"it0/eval/{split}" for split in cfg.evaluate.splits
+                               if (source / "it0" / "eval" / split / ".stage.json").exists()]
+    for stage in stages:
+        if run.done(stage):
+            continue
+        with run.stage(stage) as out:
+            shutil.copytree(source / stage, out, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".stage.json"))
+            if (out / "row.json").exists():
+                row = json.loads((out / "row.json").read_text())
+                (out / "row.json").write_text(json.dumps({**row, "reused_from": str(source)}))
+
+
+def _pick(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resources(cfg: Config) -> None:
+    """The pool lives for the whole run, beside each training fit: both must fit at once."""
+    import ray
+    pool = cfg.generate.actors * cfg.generate.cpus_per_actor
+    workers = cfg.train.scaling.num_workers * cfg.train.scaling.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if pool + workers <= have:
+        return
+    message = (f"the generation pool ({pool:g} CPUs) and the training workers ({workers:g} CPUs) "
+               f"need {pool + workers:g} CPUs at once; the Ray cluster has {have:g}. Lower "
+               f"generate.cpus_per_actor (0 lets the idle engine share cores with training), "
+               f"train.scaling.num_workers or train.scaling.cpus_per_worker")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        log.warning("%s (waiting for the cluster to grow)", message)
+    else:
+        raise ConfigError(message)
+
+
+def _evaluate(run: RunDir, t: int, policy, pool, cfg: Config, prepared: Path, label: str) -> None:
+    from recray.evaluate.evaluate import evaluate
+    from recray.tracking import track
+    for split in cfg.evaluate.splits:
+        stage = f"it{t}/eval/{split}"
+        if run.done(stage):
+            continue
+        with run.stage(stage) as out:
+            metrics = evaluate(prepared, split, policy, cfg, out / "result", cfg.evaluate.limit,
+                               pool=pool)
+            (out / "row.json").write_text(json.dumps(
+                {"method": label, "iteration": t, "split": split, **metrics}))
+        log.info("iteration %d %s: HR@5 %.4f NDCG@5 %.4f DivRatio@1 %.4f ORRatio@1 %.4f MGU@1 %.4f",
+                 t, split, metrics["HR@5"], metrics["NDCG@5"], metrics["DivRatio@1"],
+                 metrics["ORRatio@1"], metrics["MGU@1"])
+        track(cfg, run.root, metrics, t, split)
+
+
+def write_metrics_log(run: RunDir) -> Path:
+    """metrics.jsonl, rebuilt from the evaluation stages: one line per (iteration, split)."""
+    rows = [json.loads(p.read_text()) for p in run.root.glob("it*/eval/*/row.json")]
+    rows.sort(key=lambda r: (r["iteration"], r["split"]))
+    path = run.root / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _embedded_model() -> Path:
+    from recray.assets import model_dir
+    return model_dir()

@@ -1,0 +1,15 @@
+"""Training steps of SPRec on Ray Train + DeepSpeed, with TRL and PEFT.
+
+    from recray.train import sft, dpo
+    pi0 = sft(base_model, "prepared/", "runs/x/it0/policy", cfg)                  # π_0
+    s   = sft(pi0.model_dir, subset, "runs/x/it1/sft", cfg, phase="loop")          # π'
+    pt  = dpo(s.model_dir, "runs/x/it1/negatives.parquet", "runs/x/it1/policy", cfg)  # π_t, ref = π'
+
+Modules: launch (driver: checks, TorchTrainer, merge), worker (per-worker trainer and
+checkpoints), sft_trainer / dpo_trainer (TRL trainers), losses (S-DPO, weighted SFT), reweight (RW),
+inputs (Ray Data in, max_length), models (folders, merge), deepspeed, callbacks.
+"""
+
+from recray.train.launch import TrainResult, dpo, sft
+
+__all__ = ["TrainResult", "dpo", "sft"]

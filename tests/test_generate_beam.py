@@ -1,0 +1,68 @@
+"""recray's beam search (used by the vllm backend) against exhaustive search."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from recray.generate.beam import beam_search
+
+VOCAB, EOS, MAX_NEW = 4, 0, 3
+
+
+def table_step(seed: int):
+    """A next-token distribution that depends on the whole sequence (seeded by it)."""
+    def logprobs(seq: list[int]) -> list[float]:
+        logits = np.random.default_rng([seed, *seq]).normal(size=VOCAB) * 2
+        return list(logits - np.log(np.exp(logits).sum()))
+
+    def step(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+        out = []
+        for seq in seqs:
+            lp = logprobs(seq)
+            top = sorted(range(VOCAB), key=lambda t: -lp[t])[:k]
+            out.append({t: lp[t] for t in top})
+        return out
+    return step, logprobs
+
+
+def exhaustive(prompt: list[int], logprobs, k: int) -> list[tuple[float, list[int]]]:
+    """Every answer that ends at EOS or at MAX_NEW tokens, best k by cumulative log-prob."""
+    found = []
+    for n in range(1, MAX_NEW + 1):
+        for tokens in itertools.product(range(VOCAB), repeat=n):
+            if EOS in tokens[:-1] or (n < MAX_NEW and tokens[-1] != EOS):
+                continue
+            score = sum(logprobs(prompt + list(tokens[:i]))[t] for i, t in enumerate(tokens))
+            found.append((score, list(tokens)))
+    return sorted(found, key=lambda x: (-x[0], x[1]))[:k]
+
+
+def test_wide_beam_equals_exhaustive_search():
+    for seed in range(5):
+        step, logprobs = table_step(seed)
+        prompts = [[7, seed], [8, seed, 1]]
+        # Width VOCAB**2 keeps every running sequence of length <= 2: nothing is pruned.
+        got = beam_search(prompts, step, width=VOCAB ** 2, num_return=5, max_new_tokens=MAX_NEW,
+                          is_finished=lambda t: t[-1] == EOS)
+        for prompt, beams in zip(prompts, got):
+            want = exhaustive(prompt, logprobs, 5)
+            assert [b.tokens for b in beams] == [t for _, t in want]
+            assert all(math.isclose(b.score, s, abs_tol=1e-9) for b, (s, _) in zip(beams, want))
+
+
+def test_narrow_beam_returns_finished_best_first_and_stops_early():
+    step, _ = table_step(11)
+    calls = []
+
+    def counted(seqs, k):
+        calls.append(len(seqs))
+        return step(seqs, k)
+
+    # Every token ends an answer: one step decides everything.
+    got = beam_search([[1, 2]], counted, width=2, num_return=2, max_new_tokens=10,
+                      is_finished=lambda t: True)
+    assert len(calls) == 1 and len(got[0]) == 2
+    assert got[0][0].score >= got[0][1].score and all(len(b.tokens) == 1 for b in got[0])

@@ -1,0 +1,156 @@
+"""The self-play loop end to end on a tiny model (mechanics), with a driver killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recray.loop import METHODS, iteration_samples, pairwise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_records(run: Path) -> dict[str, str]:
+    return {str(p.parent.relative_to(run)): p.read_text() for p in run.rglob(".stage.json")}
+
+
+def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overrides, tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    cmd = [sys.executable, "-m", "recray.cli", "run", "--runs", str(tmp_path / "runs"),
+           "--name", "tiny", *tiny_run_overrides]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    try:
+        while not (run / "it1" / "negatives" / ".stage.json").exists():
+            assert driver.poll() is None, "the run ended before iteration 1 started"
+            assert time.time() < deadline, "iteration 1 never started"
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)      # the driver and the Ray it started
+        driver.wait()
+    before = stage_records(run)
+    assert "it0/policy" in before and "it1/negatives" in before and "it1/policy" not in before
+
+    done = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--resume", str(run),
+                           *tiny_run_overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = stage_records(run)
+    for stage, record in before.items():
+        assert after[stage] == record, f"{stage} was recomputed"
+    expected = {"prepared", "it0/policy", "it0/eval/valid", "it0/eval/test", "it1/samples",
+                "it1/negatives", "it1/sft", "it1/policy", "it1/eval/valid", "it1/eval/test"}
+    assert set(after) == expected
+    assert not list(run.rglob("*.tmp"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["iteration"], r["split"]) for r in rows) == [
+        ("bigrec", 0, "test"), ("bigrec", 0, "valid"), ("sprec", 1, "test"), ("sprec", 1, "valid")]
+    negatives = pq.read_table(run / "it1" / "negatives" / "negatives.parquet")
+    assert negatives.num_rows == 8
+    assert (run / "report" / "report.md").exists()
+    assert list((run / "tensorboard").iterdir())
+    from mlflow import MlflowClient      # one MLflow run across the kill and the resume
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    mlflow_runs = client.search_runs([client.get_experiment_by_name("recray").experiment_id])
+    assert [r.info.run_id for r in mlflow_runs] == [(run / "mlflow_run_id").read_text()]
+    history = client.get_metric_history(mlflow_runs[0].info.run_id, "test/HR_5")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert mlflow_runs[0].data.params["loop.method"] == "sprec"
+
+    again = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--resume", str(run),
+                            *tiny_run_overrides, "train.beta=0.5"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "train.beta: 0.1 -> 0.5" in again.stderr
+
+
+def test_methods_cover_the_paper():
+    assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
+                            "dmpo", "sdpo", "rw"}
+    assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"
+    assert not METHODS["sprec-nodpo"].dpo and not METHODS["sprec-nosft"].sft
+
+
+def test_iteration_samples_are_seeded_and_differ_per_iteration():
+    train = pa.table({"sample_id": [f"u:{i}" for i in range(100)], "x": list(range(100))})
+    a1 = iteration_samples(train, 10, seed=0, iteration=1).column("sample_id").to_pylist()
+    assert a1 == iteration_samples(train, 10, seed=0, iteration=1).column("sample_id").to_pylist()
+    a2 = iteration_samples(train, 10, seed=0, iteration=2).column("sample_id").to_pylist()
+    assert len(a1) == 10 and a1 != a2
+    assert iteration_samples(train, 1000, seed=0, iteration=1).num_rows == 100
+
+
+def test_pairwise_expands_each_negative_to_its_own_pair():
+    neg = pa.table({"sample_id": ["s"], "prompt": ["p"], "chosen": ['"A"\n'],
+                    "rejected": [['"B"\n', '"C"\n']], "rejected_scores": [[-1.0, -2.0]],
+                    "source": ["random"]})
+    pairs = pairwise(neg)
+    assert pairs.column("rejected").to_pylist() == [['"B"\n'], ['"C"\n']]
+    assert pairs.column("chosen").to_pylist() == ['"A"\n', '"A"\n']
+
+
+def test_pool_and_workers_that_cannot_fit_together_are_refused(ray_session, monkeypatch):
+    from recray.config import load_config
+    from recray.errors import ConfigError
+    from recray.loop import check_resources
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, ["train.scaling.num_workers=2", "generate.cpus_per_actor=1"])
+    with pytest.raises(ConfigError, match="generate.cpus_per_actor"):
+        check_resources(cfg)
+    check_resources(load_config(None, ["train.scaling.num_workers=2", "generate.cpus_per_actor=0"]))
+
+
+def test_init_from_copies_pi0_once_and_refuses_another_config(tmp_path):
+    from recray.config import load_config
+    from recray.errors import ConfigError
+    from recray.evaluate.report import TABLE_COLUMNS, report
+    from recray.loop import reuse_initial_policy
+    from recray.rundir import RunDir
+
+    cfg = load_config(ROOT / "configs" / "ml100k.yaml")
+    source = RunDir.create(tmp_path / "sprec", cfg.model_dump(mode="json"), {})
+    with source.stage("it0/policy") as out:
+        (out / "adapter").mkdir()
+        (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    rows = {0: ("bigrec", 0.2), 1: ("sprec", 0.3)}
+    for t, (method, value) in rows.items():
+        with source.stage(f"it{t}/eval/test") as out:
+            (out / "row.json").write_text(json.dumps(
+                {"method": method, "iteration": t, "split": "test",
+                 **dict.fromkeys(TABLE_COLUMNS, value)}))
+    source.release()
+
+    ablation = cfg.model_copy(update={"loop": cfg.loop.model_copy(
+        update={"method": "sprec-nodpo", "init_from": str(source.root)})})
+    run = RunDir.create(tmp_path / "nodpo", ablation.model_dump(mode="json"), {})
+    reuse_initial_policy(run, source.root, ablation)
+    reuse_initial_policy(run, source.root, ablation)          # on resume: nothing to redo
+    assert (run.path("it0/policy") / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    row = json.loads((run.path("it0/eval/test") / "row.json").read_text())
+    assert row["reused_from"] == str(source.root) and row["HR@5"] == 0.2
+    other = load_config(ROOT / "configs" / "ml100k.yaml", ["train.sft.epochs=3", "data.seed=1"])
+    fresh = RunDir.create(tmp_path / "other", other.model_dump(mode="json"), {})
+    with pytest.raises(ConfigError, match=r"data.seed: 0 -> 1(.|\n)*train.sft.epochs: 2.0 -> 3.0"):
+        reuse_initial_policy(fresh, source.root, other)
+    with pytest.raises(ConfigError, match="no finished it0/policy"):
+        reuse_initial_policy(fresh, tmp_path / "nodpo" / "it0", other)
+
+    # The ablation's copy of π_0's row shows in its curve but BIGRec counts once.
+    for r in (source.root, run.root):
+        lines = [p.read_text() for p in sorted(r.glob("it*/eval/*/row.json"))]
+        (r / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with open(run.root / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"method": "sprec-nodpo", "iteration": 1, "split": "test",
+                            **dict.fromkeys(TABLE_COLUMNS, 0.25)}) + "\n")
+    table = report([source.root, run.root], tmp_path / "report").read_text()
+    assert "| BIGRec | " in table and "BIGRec (n=2)" not in table

@@ -1,0 +1,226 @@
+"""Training mechanics without Ray: the S-DPO loss, RW weights, the trainers' losses against
+TRL's own, max_length handling and DeepSpeed config checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recray.config import TrainConfig
+from recray.errors import ConfigError
+from recray.train.deepspeed import deepspeed_config
+from recray.train.inputs import drop_oldest_title
+from recray.train.losses import sdpo_loss, weighted_token_loss
+from recray.train.reweight import group_weights, sample_weights
+
+from test_train_support import make_job, make_prepared, make_tiny_model
+
+
+# ---------------------------------------------------------------- S-DPO loss
+
+def test_sdpo_loss_matches_hand_computed_value():
+    # h_w = 0.5; h_l = 1.0, -2.0, 0.3; beta 0.1:
+    #   S = e^{0.05} + e^{-0.25} + e^{-0.02} = 2.8102705527541842
+    #   loss = -log sigmoid(-log S) = log(1 + S) = 1.3377001978390028
+    loss = sdpo_loss(torch.tensor([0.5], dtype=torch.float64),
+                     torch.tensor([[1.0, -2.0, 0.3]], dtype=torch.float64),
+                     torch.tensor([[True, True, True]]), beta=0.1)
+    assert loss.item() == pytest.approx(1.3377001978390028, abs=1e-12)
+
+
+def test_sdpo_with_one_negative_is_exactly_dpo():
+    # hand value: -log sigmoid(0.1 * (0.5 - -1.0)) = log(1 + e^{-0.15}) = 0.6209570477895321
+    one = sdpo_loss(torch.tensor([0.5], dtype=torch.float64), torch.tensor([[-1.0]], dtype=torch.float64),
+                    torch.tensor([[True]]), beta=0.1)
+    assert one.item() == pytest.approx(0.6209570477895321, abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(64, generator=g) * 5, torch.randn(64, 1, generator=g) * 5
+    for beta in (0.1, 0.5, 2.0):
+        ours = sdpo_loss(chosen, rejected, torch.ones(64, 1, dtype=torch.bool), beta)
+        dpo = -F.logsigmoid(beta * (chosen - rejected[:, 0]))
+        assert torch.equal(ours, dpo) or torch.allclose(ours, dpo, rtol=0, atol=1e-6)
+
+
+def test_sdpo_masked_negatives_are_left_out():
+    full = sdpo_loss(torch.tensor([0.5]), torch.tensor([[1.0, 99.0]]),
+                     torch.tensor([[True, False]]), beta=0.1)
+    one = sdpo_loss(torch.tensor([0.5]), torch.tensor([[1.0]]), torch.tensor([[True]]), beta=0.1)
+    assert full.item() == pytest.approx(one.item(), abs=1e-7)
+    with pytest.raises(ValueError):
+        sdpo_loss(torch.tensor([0.5]), torch.tensor([[1.0]]), torch.tensor([[False]]), beta=0.1)
+
+
+def test_sdpo_gradient_pushes_chosen_up_and_rejected_down():
+    chosen = torch.tensor([0.0], requires_grad=True)
+    rejected = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    sdpo_loss(chosen, rejected, torch.ones(1, 2, dtype=torch.bool), 0.1).sum().backward()
+    assert chosen.grad.item() < 0 and (rejected.grad > 0).all()
+
+
+# ---------------------------------------------------------------- RW
+
+def test_rw_weights_hand_computed():
+    groups = ["A", "B"]
+    item_groups = {"x": ["A"], "y": ["B"], "z": ["A", "B"], "w": ["Other"]}
+    histories = [["x", "x", "y"], ["z"], ["y"], ["w"]]
+    targets = ["x", "x", "z", "w"]
+    # history shares: A = 1+1+0.5 = 2.5, B = 1+0.5+1 = 2.5 -> 0.5 / 0.5 ("w": no top group)
+    # target shares:  A = 1+1+0.5 = 2.5, B = 0.5          -> 5/6 / 1/6
+    assert group_weights(histories, targets, item_groups, groups) == pytest.approx({"A": 0.6, "B": 3.0})
+    # x -> 0.6, x -> 0.6, z -> mean(0.6, 3.0) = 1.8, w -> 1; mean is already 1
+    assert sample_weights(histories, targets, item_groups, groups) == pytest.approx([0.6, 0.6, 1.8, 1.0])
+
+
+def test_rw_weights_are_clipped_and_mean_one():
+    item_groups = {"a": ["A"], "b": ["B"]}
+    histories = [["a"] * 99 + ["b"]] * 3
+    targets = ["b", "b", "a"]        # B is 2/3 of targets but 1% of history -> tiny weight
+    w = sample_weights(histories, targets, item_groups, ["A", "B"], clip=10.0)
+    assert w.mean() == pytest.approx(1.0)
+    # w_A = 0.99 / (1/3) = 2.97; w_B = 0.01 / (2/3) = 0.015, clipped to 1/10
+    assert w[2] / w[0] == pytest.approx(2.97 / 0.1)
+
+
+def test_weighted_token_loss_by_hand():
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])   # 0 = not trained on
+    # (2 * 3.0 + 0.5 * 0.5) / 3 tokens
+    assert weighted_token_loss(logps, torch.tensor([2.0, 0.5]), 3).item() == pytest.approx(6.25 / 3)
+
+
+# ---------------------------------------------------------------- the trainers vs TRL's own
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "model"), make_prepared(root / "prepared", n=8)
+
+
+def _randomize_lora(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name and ".default." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path):
+    import datasets
+    from trl import DPOTrainer
+
+    from recray.train.worker import load_policy, make_trainer, training_args
+    from test_train_support import make_negatives
+    import pandas as pd
+
+    model_dir, prepared = tiny
+    neg = pd.read_parquet(make_negatives(prepared / "train", tmp_path / "neg.parquet"))
+    rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
+            for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:4]
+    job = make_job("dpo", model_dir, tmp_path)
+    ours = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "ours"))
+    model, tok, peft = load_policy(job)
+    theirs = DPOTrainer(model=model, args=training_args(job, str(tmp_path / "trl")), processing_class=tok,
+                        peft_config=peft, train_dataset=datasets.Dataset.from_list(
+                            [{**r, "rejected": r["rejected"][0]} for r in rows]))
+    for trainer in (ours, theirs):
+        _randomize_lora(trainer.model, seed=1)       # policy != reference, so the loss is not log 2
+    batch_ours = ours.data_collator([ours.train_dataset[i] for i in range(4)])
+    batch_trl = theirs.data_collator([theirs.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        a = ours.compute_loss(ours.model, batch_ours)
+        b = theirs.compute_loss(theirs.model, batch_trl)
+    assert abs(a.item() - math.log(2)) > 1e-3
+    assert a.item() == pytest.approx(b.item(), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert ours._metrics["train"][key][-1] == pytest.approx(theirs._metrics["train"][key][-1], abs=1e-6)
+
+
+def test_weighted_sft_loss_is_trl_loss_with_unit_weights(tiny, tmp_path):
+    import datasets
+    import pandas as pd
+
+    from recray.train.worker import make_trainer
+
+    model_dir, prepared = tiny
+    df = pd.read_parquet(prepared / "train").head(4)
+    plain = [{"prompt": p, "completion": c} for p, c in zip(df["prompt"], df["completion"])]
+    job = make_job("sft", model_dir, tmp_path)
+    trl = make_trainer(job, datasets.Dataset.from_list(plain), str(tmp_path / "a"))
+    assert "weight" not in trl.train_dataset.column_names
+
+    def loss(trainer) -> float:
+        _randomize_lora(trainer.model, seed=2)
+        trainer.model.eval()                         # no LoRA dropout: both see the same weights
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item()
+
+    def weighted(ws):
+        return loss(make_trainer(job, datasets.Dataset.from_list(
+            [{**r, "weight": w} for r, w in zip(plain, ws)]), str(tmp_path / "b")))
+
+    reference = loss(trl)
+    assert weighted([1.0, 1.0, 1.0, 1.0]) == pytest.approx(reference, rel=1e-6)   # float sum order
+    first, rest = weighted([2.0, 0.0, 0.0, 0.0]), weighted([0.0, 2.0, 2.0, 2.0])
+    assert first + rest == pytest.approx(2 * reference, rel=1e-6)     # the loss is linear in the weights
+    assert first != pytest.approx(rest, abs=1e-3)
+
+
+# ---------------------------------------------------------------- max_length, DeepSpeed
+
+def test_drop_oldest_title_keeps_the_template():
+    from recray.data.prompts import build_prompt
+    assert drop_oldest_title(build_prompt(["A (1990)", "B, The (1991)", "C (1992)"])) == \
+        build_prompt(["B, The (1991)", "C (1992)"])
+    assert drop_oldest_title(build_prompt(["Only (2000)"])) is None
+    assert drop_oldest_title("no history list here") is None
+
+
+def _train(**kw) -> TrainConfig:
+    return TrainConfig.model_validate(kw)
+
+
+def test_deepspeed_config_from_config():
+    assert deepspeed_config(_train()) is None
+    ds = deepspeed_config(_train(deepspeed={"stage": 3, "offload_optimizer": True}))
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["train_batch_size"] == "auto" and ds["bf16"]["enabled"] == "auto"
+
+
+@pytest.mark.parametrize("user, train, message", [
+    ({"train_batch_size": 64}, {}, "train_batch_size=64 contradicts"),
+    ({"train_micro_batch_size_per_gpu": 2}, {}, "train_micro_batch_size_per_gpu=2 contradicts"),
+    ({"gradient_accumulation_steps": 4}, {}, "gradient_accumulation_steps=4"),
+    ({"bf16": {"enabled": True}}, {}, "bf16.enabled=True contradicts train.precision"),
+    ({"fp16": {"enabled": True}}, {}, "fp16 is not supported"),
+    ({"zero_optimization": {"stage": 3}}, {"stage": 2}, "sets zero_optimization.stage 3"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, {},
+     "needs ZeRO stage 1, 2 or 3"),
+])
+def test_deepspeed_file_contradicting_the_scaling_config(tmp_path, user, train, message):
+    import json
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    cfg = _train(deepspeed={"config_file": str(path), **train}, per_device_batch_size=4,
+                 scaling={"num_workers": 2})
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deepspeed_config(cfg)
+
+
+def test_deepspeed_file_that_agrees_is_merged(tmp_path):
+    import json
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 2,
+                                                                              "overlap_comm": True}}))
+    ds = deepspeed_config(_train(deepspeed={"config_file": str(path)}, per_device_batch_size=4,
+                                 gradient_accumulation_steps=2, scaling={"num_workers": 2}))
+    assert ds["train_batch_size"] == 16 and ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+
+
+def test_offload_without_zero_is_refused():
+    with pytest.raises(ConfigError, match="offload_optimizer needs"):
+        deepspeed_config(_train(deepspeed={"offload_optimizer": True}))
