@@ -119,7 +119,17 @@ def cmd_train(args) -> None:
 
 def cmd_report(args) -> None:
     from recray.evaluate.report import report
-    path = report([Path(d) for d in args.runs], Path(args.output), split=args.split)
+    from recray.evaluate.sweep_report import sweep_report
+    from recray.sweep import is_sweep_dir
+    sweeps = [d for d in args.runs if is_sweep_dir(Path(d))]
+    if sweeps:
+        if len(args.runs) > 1:
+            raise RecrayError(f"{sweeps[0]} is a sweep: report it alone (`recray report SWEEP_DIR`)")
+        path = sweep_report(Path(sweeps[0]), Path(args.output or Path(sweeps[0]) / "report"))
+    elif args.output is None:
+        raise RecrayError("recray report RUN_DIR ... needs --output (only a sweep has a default)")
+    else:
+        path = report([Path(d) for d in args.runs], Path(args.output), split=args.split)
     print(path.read_text())
     print(f"report: {path}")
 
@@ -137,6 +147,36 @@ def cmd_run(args) -> None:
     run = run_job(cfg, run_dir, resume=bool(args.resume), force=args.force)
     print((run.root / "report" / "report.md").read_text())
     print(f"run directory: {run.root}\nreport: {run.root / 'report' / 'report.md'}")
+
+
+def cmd_sweep(args) -> None:
+    from recray.rundir import config_diff
+    from recray.sweep import load_sweep, read_sweep, run_sweep
+
+    if args.resume:
+        # The sweep as it started (sweep.json); a -c given again must say the same.
+        sweep, base = read_sweep(Path(args.resume))
+        if args.overrides and not args.config:
+            raise RecrayError("--resume continues the sweep as it started: give overrides only "
+                              "with the same -c, to check that they match")
+        if args.config:
+            again = load_sweep(args.config, args.overrides)
+            diff = config_diff({"sweep": sweep.model_dump(mode="json"),
+                                "base": base.model_dump(mode="json")},
+                               {"sweep": again[0].model_dump(mode="json"),
+                                "base": again[1].model_dump(mode="json")})
+            if diff:
+                raise RecrayError(f"the sweep differs from the one {args.resume} was started "
+                                  f"with:\n  " + "\n  ".join(diff))
+        path = run_sweep(sweep, base, Path(args.resume), resume=True)
+    else:
+        if not args.config:
+            raise RecrayError("recray sweep needs -c SWEEP.yaml (or --resume SWEEP_DIR)")
+        sweep, base = load_sweep(args.config, args.overrides)
+        output = args.output or time.strftime(f"runs/sweeps/{Path(args.config).stem}-%Y%m%d-%H%M%S")
+        path = run_sweep(sweep, base, Path(output), source=args.config)
+    print(path.read_text())
+    print(f"sweep report: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,9 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="Markdown + PNG report comparing run directories")
-    p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl) or evaluation directories")
-    p.add_argument("--output", required=True)
+    p = sub.add_parser("sweep", help="Ray Tune sweep: one self-play loop run per trial")
+    p.add_argument("--output", help="sweep directory to create (default: runs/sweeps/<name>-<time>)")
+    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep (Tuner.restore)")
+    p.add_argument("-c", "--config", help="sweep YAML (see tune/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the base run config, e.g. loop.samples_per_iteration=32")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="Markdown + PNG report comparing run directories, or a sweep's")
+    p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl), evaluation "
+                                           "directories, or one sweep directory")
+    p.add_argument("--output", help="report directory (required for runs; a sweep: SWEEP_DIR/report)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.set_defaults(func=cmd_report)
     return parser

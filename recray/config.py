@@ -7,6 +7,8 @@ Unknown keys and wrong types raise ConfigError naming the dotted key.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -248,18 +250,29 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping, or a ConfigError naming the file."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    tree: dict = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for key, value in parse_overrides(overrides or []):
+    tree = read_yaml(path) if path is not None else {}
+    return build_config(tree, parse_overrides(overrides or []))
+
+
+def build_config(tree: dict, values: Iterable[tuple[str, object]] = ()) -> Config:
+    """A config tree (as in a YAML file) with dotted (key, value) pairs set on a copy of it;
+    the sweeps set typed values this way (a float such as 1e-05 is not one in YAML 1.1)."""
+    tree = copy.deepcopy(tree)
+    for key, value in values:
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)

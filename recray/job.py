@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 
 from recray.config import Config
+from recray.loop import OnIteration
 from recray.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
-def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = False) -> RunDir:
+def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = False,
+            prepared: Path | None = None, on_iteration: OnIteration | None = None) -> RunDir:
+    """`prepared`: a dataset prepared already for cfg.data (a sweep prepares it once for all
+    its trials) instead of the run's own `prepared` stage; `on_iteration`: see run_loop."""
     from recray.data.loaders import load
     from recray.data.prepare import prepare, summary_table
     from recray.evaluate.report import report
@@ -30,13 +34,18 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
     start = time.time()
     try:
         init_ray(cfg.ray)
-        if not run.done("prepared"):
-            with run.stage("prepared") as out:
-                stats = prepare(load(cfg.data), cfg.data, out, overwrite=True)
-                print(summary_table(stats))
-        run_loop(cfg, run, run.path("prepared"))
+        if prepared is None:
+            if not run.done("prepared"):
+                with run.stage("prepared") as out:
+                    stats = prepare(load(cfg.data), cfg.data, out, overwrite=True)
+                    print(summary_table(stats))
+            prepared = run.path("prepared")
+        run_loop(cfg, run, prepared, on_iteration)
         write_metrics_log(run)
-        path = report([run.root], run.root / "report")
+        # The test split where the run evaluates it, else its first (a sweep may run valid only).
+        split = "test" if "test" in cfg.evaluate.splits else cfg.evaluate.splits[0]
+        path = report([run.root], run.root / "report", split=split)
+        print(path.read_text())
         log.info("run %s finished in %.0f s; report: %s", run.root, time.time() - start, path)
     finally:
         run.release()

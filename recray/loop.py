@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,29 @@ def pairwise(negatives: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=negatives.schema)
 
 
-def run_loop(cfg: Config, run: RunDir, prepared: Path) -> None:
+# Called after each iteration's evaluations (iteration 0 = π_0) with {split: metrics}; a
+# sweep trial reports them to Ray Tune from here. On --resume it also gets the finished
+# iterations' metrics again, so a restarted trial reports its whole trajectory.
+OnIteration = Callable[[int, dict[str, dict]], None]
+
+
+def planned_iterations(cfg: Config) -> int:
+    """The last iteration a run of `cfg` evaluates (0: π_0 only)."""
+    method = METHODS[cfg.loop.method]
+    return 0 if not method.loop else (1 if method.one_pass else cfg.loop.iterations)
+
+
+def check_config(cfg: Config) -> None:
+    """Key combinations that would stop a run part-way (after π_0 is trained), refused
+    before anything starts; a sweep checks every trial config with it too."""
+    from recray.generate.negatives import negatives_decoding
+    method = METHODS[cfg.loop.method]
+    if planned_iterations(cfg) and method.dpo and method.negatives == "self":
+        negatives_decoding(cfg.generate.decoding, cfg.generate.n_negatives, cfg.loop.seed)
+
+
+def run_loop(cfg: Config, run: RunDir, prepared: Path,
+             on_iteration: OnIteration | None = None) -> None:
     from recray import train
     from recray.generate import GenerationPool, Policy
     from recray.generate.negatives import make_negatives
@@ -85,10 +108,11 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path) -> None:
     base = cfg.loop.base_model or str(_embedded_model())
     train_cfg = cfg.model_copy(deep=True)
     train_cfg.train.reweight = cfg.train.reweight or method.reweight
-    iterations = 0 if not method.loop else (1 if method.one_pass else cfg.loop.iterations)
+    iterations = planned_iterations(cfg)
     catalog = pq.read_table(prepared / "catalog.parquet")
     train_split = pq.read_table(prepared / "train")
 
+    check_config(cfg)
     check_resources(cfg)
     with GenerationPool(cfg.generate, base) as pool:
         if cfg.loop.init_from:
@@ -97,7 +121,10 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path) -> None:
             with run.stage("it0/policy") as out:
                 train.sft(base, prepared, out, train_cfg, phase="initial")
         policy = Policy(base, str(run.path("it0/policy") / "adapter"))
-        _evaluate(run, 0, policy, pool, cfg, prepared, label="rw" if method.reweight else "bigrec")
+        metrics = _evaluate(run, 0, policy, pool, cfg, prepared,
+                            label="rw" if method.reweight else "bigrec")
+        if on_iteration:
+            on_iteration(0, metrics)
 
         for t in range(1, iterations + 1):
             it = f"it{t}"
@@ -130,7 +157,9 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path) -> None:
                         train.dpo(base, run.path(f"{it}/negatives") / "negatives.parquet", out,
                                   cfg, adapter=reference.adapter)
                 policy = Policy(base, str(run.path(f"{it}/policy") / "adapter"))
-            _evaluate(run, t, policy, pool, cfg, prepared, label=cfg.loop.method)
+            metrics = _evaluate(run, t, policy, pool, cfg, prepared, label=cfg.loop.method)
+            if on_iteration:
+                on_iteration(t, metrics)
     write_metrics_log(run)
 
 
@@ -176,30 +205,38 @@ def _pick(tree: dict, dotted: str):
     return tree
 
 
-def check_resources(cfg: Config) -> None:
-    """The pool lives for the whole run, beside each training fit: both must fit at once."""
+def check_resources(cfg: Config, trial_cpus: float = 0) -> None:
+    """The pool lives for the whole run, beside each training fit: both must fit at once,
+    and in a sweep beside the trial's own driver (`trial_cpus`, trial_resources.cpu)."""
     import ray
     pool = cfg.generate.actors * cfg.generate.cpus_per_actor
     workers = cfg.train.scaling.num_workers * cfg.train.scaling.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
-    if pool + workers <= have:
+    if pool + workers + trial_cpus <= have:
         return
-    message = (f"the generation pool ({pool:g} CPUs) and the training workers ({workers:g} CPUs) "
-               f"need {pool + workers:g} CPUs at once; the Ray cluster has {have:g}. Lower "
-               f"generate.cpus_per_actor (0 lets the idle engine share cores with training), "
-               f"train.scaling.num_workers or train.scaling.cpus_per_worker")
+    trial = f", the sweep trial's driver ({trial_cpus:g}, trial_resources.cpu)" if trial_cpus else ""
+    message = (f"the generation pool ({pool:g} CPUs){trial} and the training workers ({workers:g} "
+               f"CPUs) need {pool + workers + trial_cpus:g} CPUs at once; the Ray cluster has "
+               f"{have:g}. Lower generate.cpus_per_actor (0 lets the idle engine share cores with "
+               f"training), train.scaling.num_workers or train.scaling.cpus_per_worker")
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         log.warning("%s (waiting for the cluster to grow)", message)
     else:
         raise ConfigError(message)
 
 
-def _evaluate(run: RunDir, t: int, policy, pool, cfg: Config, prepared: Path, label: str) -> None:
+def _evaluate(run: RunDir, t: int, policy, pool, cfg: Config, prepared: Path,
+              label: str) -> dict[str, dict]:
+    """Evaluate π_t on every configured split (a finished stage is read back, not redone)."""
     from recray.evaluate.evaluate import evaluate
     from recray.tracking import track
+    results = {}
     for split in cfg.evaluate.splits:
         stage = f"it{t}/eval/{split}"
         if run.done(stage):
+            row = json.loads((run.path(stage) / "row.json").read_text())
+            results[split] = {k: v for k, v in row.items()
+                              if k not in ("method", "iteration", "split", "reused_from")}
             continue
         with run.stage(stage) as out:
             metrics = evaluate(prepared, split, policy, cfg, out / "result", cfg.evaluate.limit,
@@ -210,6 +247,9 @@ def _evaluate(run: RunDir, t: int, policy, pool, cfg: Config, prepared: Path, la
                  t, split, metrics["HR@5"], metrics["NDCG@5"], metrics["DivRatio@1"],
                  metrics["ORRatio@1"], metrics["MGU@1"])
         track(cfg, run.root, metrics, t, split)
+        results[split] = metrics
+    write_metrics_log(run)      # kept current: a sweep may stop a run after any iteration
+    return results
 
 
 def write_metrics_log(run: RunDir) -> Path:

@@ -41,6 +41,7 @@ class TrainResult:
     adapter_dir: Path | None        # the LoRA adapter on top of the input model (None: full FT)
     metrics: dict                   # summary: loss, tokens/s, reward accuracy (DPO), data counts
     log_history: list[dict] = field(default_factory=list)
+    workers: list[dict] = field(default_factory=list)   # per rank: node_id, node_ip, pid
 
 
 def sft(model: str | Path, data, output: str | Path, cfg: Config, *,
@@ -128,21 +129,25 @@ def _trainer(job: Job, ds: ray.data.Dataset, cfg: Config, storage: Path):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
 
 
-def _collect(result, job: Job, output: Path, lora: bool, trust: bool) -> tuple[Path, Path | None, list]:
-    """Final adapter/model out of the last Ray checkpoint; merge an adapter in a Ray task."""
+def _collect(result, job: Job, output: Path, lora: bool,
+             trust: bool) -> tuple[Path, Path | None, list, list]:
+    """Final adapter/model out of the last Ray checkpoint; merge an adapter in a Ray task.
+    Also returns the log history and where each rank of the final worker group ran."""
     if result.checkpoint is None or not result.metrics.get("final"):
         raise RecrayError(f"training of {output} ended without a final checkpoint")
     model_dir = output / "model"
     with result.checkpoint.as_directory() as final:
         history = json.loads((Path(final) / "log_history.json").read_text())
+        placed = Path(final) / "workers.json"
+        workers = json.loads(placed.read_text()) if placed.exists() else []
         target = output / ("adapter" if lora else "model")
-        shutil.copytree(final, target, ignore=shutil.ignore_patterns("log_history.json", "README.md",
-                                                                      "training_args.bin"))
+        shutil.copytree(final, target, ignore=shutil.ignore_patterns(
+            "log_history.json", "workers.json", "README.md", "training_args.bin"))
     if not lora:
-        return model_dir, None, history
+        return model_dir, None, history, workers
     copy_tokenizer(job.model, target)
     ray.get(merge_task.remote(job.model, str(target), str(model_dir), trust))
-    return model_dir, target, history
+    return model_dir, target, history, workers
 
 
 def _summary(history: list[dict], data_stats: dict, seconds: float, job: Job) -> dict:
@@ -191,9 +196,10 @@ def _run(kind: str, model, data, output, cfg: Config, learning_rate: float, epoc
     start = time.time()
     output.mkdir(parents=True, exist_ok=True)
     result = _trainer(job, ds, cfg, storage).fit()
-    model_dir, adapter_dir, history = _collect(result, job, output, t.lora.enabled,
-                                               t.trust_remote_code)
+    model_dir, adapter_dir, history, workers = _collect(result, job, output, t.lora.enabled,
+                                                        t.trust_remote_code)
     summary = _summary(history, data_stats, time.time() - start, job)
+    summary["workers"] = workers
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
     with open(output / "train_log.jsonl", "w") as f:
         for entry in history:
@@ -202,4 +208,4 @@ def _run(kind: str, model, data, output, cfg: Config, learning_rate: float, epoc
         shutil.rmtree(storage / run_name, ignore_errors=True)
         if storage == output / "checkpoints" and not any(storage.iterdir()):
             storage.rmdir()
-    return TrainResult(output, model_dir, adapter_dir, summary, history)
+    return TrainResult(output, model_dir, adapter_dir, summary, history, workers)

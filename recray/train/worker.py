@@ -141,12 +141,18 @@ def _quiet(job: Job) -> None:
         log.propagate = False
 
 
+def _whoami() -> dict:
+    """This worker: rank, process and the Ray node it runs on."""
+    import ray
+    import ray.train
+    return {"rank": ray.train.get_context().get_world_rank(), "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address()}
+
+
 def _record_worker(job: Job, resumed_from: int | None) -> None:
     """One line per worker start in <output>/workers.jsonl: which process, where, resumed how."""
-    import ray.train
-    ctx = ray.train.get_context()
-    line = {"time": time.time(), "run": job.run_name, "rank": ctx.get_world_rank(),
-            "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+    line = {"time": time.time(), "run": job.run_name, **_whoami(),
             "resumed_from_step": resumed_from}
     try:
         Path(job.output).mkdir(parents=True, exist_ok=True)
@@ -162,18 +168,22 @@ def _resume_step(path: str) -> int:
 
 
 def _finish(trainer, job: Job, output_dir: str) -> None:
-    """save_model on EVERY rank (ZeRO-3 gathers shards), then rank 0 reports the result."""
+    """save_model on EVERY rank (ZeRO-3 gathers shards), then rank 0 reports the result,
+    with the rank -> node placement of the worker group that finished (workers.json)."""
     import ray.train
+    from accelerate.utils import gather_object
 
     from recray.train.callbacks import scalar_metrics
 
     final = Path(output_dir) / "final"
     trainer.save_model(str(final))
+    workers = sorted(gather_object([_whoami()]), key=lambda w: w["rank"])
     trainer.accelerator.wait_for_everyone()
     metrics = {**scalar_metrics(trainer.state.log_history), "step": trainer.state.global_step,
                "final": 1.0}
     if trainer.is_world_process_zero():
         (final / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+        (final / "workers.json").write_text(json.dumps(workers))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
     else:
         ray.train.report(metrics, checkpoint=None)

@@ -1,0 +1,187 @@
+"""A real 2-node Ray cluster on this machine: `ray start --head` (1 CPU, resource node_head)
+plus `ray start --address` (1 CPU, resource node_b), both started, and alone stopped, by this
+test. An SFT step with train.scaling.num_workers=2, cpus_per_worker=1 must place one worker on
+each node; the node ids each rank reports (TrainResult.workers) are checked against the ids
+of the two nodes, and the step must end with a merged model.
+
+The driver runs in a subprocess joined through ray.address: the pytest process may already
+hold the session's local Ray instance (conftest.ray_session), and a driver is bound to the
+cluster it first joined."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_train_support import make_prepared, make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    """Every port a node opens, chosen here: a second node on one machine (and the other Ray
+    instances on it) must not collide on Ray's fixed defaults (agent 52365, workers 10002+)."""
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0"]         # 0: OS-assigned worker ports
+
+
+def _start_node(args: list[str], temp_dir: Path, log: Path, env: dict) -> subprocess.Popen:
+    """`ray start --block` in its own session: its process group is ours to kill."""
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}", "--num-gpus=0",
+         "--disable-usage-stats", *_node_ports(), *args],
+        start_new_session=True, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"the Ray head did not listen on {port}:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
+
+
+def _stop(procs: list[subprocess.Popen]) -> list[int]:
+    """SIGTERM each started node's process group and every process below it (Ray workers
+    run in process groups of their own), SIGKILL what is left after 30 s. Nothing else."""
+    import psutil
+    mine: list[psutil.Process] = []
+    for p in procs:
+        try:
+            mine += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for q in mine:
+        try:
+            q.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=30)
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        p.wait(timeout=30)
+    _, alive = psutil.wait_procs(alive, timeout=30)
+    return [q.pid for q in alive]
+
+
+def test_two_workers_on_two_nodes(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    prepared = make_prepared(tmp_path / "prepared", n=16)
+    gcs_port = free_port()
+    address = f"127.0.0.1:{gcs_port}"
+    tag = f"/tmp/recray-mn-{os.getpid()}"                  # short: Ray's socket paths are limited
+    head_dir, b_dir = Path(f"{tag}-h"), Path(f"{tag}-b")
+    env = {**os.environ, "RAY_AUTH_MODE": "token",          # Ray 2.60: the token is ~/.ray/auth_token
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(_start_node(
+            ["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+             "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+             "--num-cpus=1", '--resources={"node_head": 1}'],
+            head_dir, tmp_path / "head.log", env))
+        _wait_port(gcs_port, started[0], tmp_path / "head.log")
+        started.append(_start_node(
+            [f"--address={address}", "--num-cpus=1", '--resources={"node_b": 1}'],
+            b_dir, tmp_path / "node_b.log", env))
+
+        out = tmp_path / "result.json"
+        driver = subprocess.run(
+            [sys.executable, __file__, address, str(model), str(prepared), str(tmp_path / "sft"),
+             str(out)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+            start_new_session=True)
+        assert driver.returncode == 0, (driver.stdout[-4000:] + driver.stderr[-6000:]
+                                        + (tmp_path / "node_b.log").read_text()[-2000:])
+        got = json.loads(out.read_text())
+        nodes = got["nodes"]                    # resource label -> node id, from ray.nodes()
+        assert set(nodes) == {"node_head", "node_b"} and nodes["node_head"] != nodes["node_b"]
+        workers = got["workers"]                # per rank, reported by the workers themselves
+        assert [w["rank"] for w in workers] == [0, 1], workers
+        assert {w["node_id"] for w in workers} == set(nodes.values()), (workers, nodes)
+        assert got["summary"]["workers"] == workers          # summary.json records it too
+        starts = [json.loads(line) for line in
+                  (tmp_path / "sft" / "workers.jsonl").read_text().splitlines()]
+        assert {w["node_id"] for w in starts} == set(nodes.values())
+        assert got["summary"]["steps"] == 4                  # 16 samples / (2 workers x 2)
+        from transformers import AutoModelForCausalLM
+        merged = AutoModelForCausalLM.from_pretrained(got["model_dir"])
+        assert merged.config.hidden_size == 32
+        print(f"\nrank->node: {[(w['rank'], w['node_id'][:8]) for w in workers]}; "
+              f"nodes {({k: v[:8] for k, v in nodes.items()})}; fit {got['summary']['seconds']} s")
+    finally:
+        left = _stop(started)
+        for d in (head_dir, b_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    assert not left, f"processes of our nodes still alive after SIGKILL: {left}"
+
+
+def _driver(address: str, model: str, prepared: str, output: str, result: str) -> None:
+    """The training driver: join the 2-node cluster through ray.address, wait for both
+    nodes, run sft with 2 workers of 1 CPU."""
+    import logging
+
+    import ray
+
+    from recray.config import load_config
+    from recray.runtime import init_ray
+    from recray.train import sft
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = load_config(None, [
+        f"ray.address={address}", "train.scaling.num_workers=2", "train.scaling.cpus_per_worker=1",
+        "train.per_device_batch_size=2", "train.sft.epochs=1", "train.logging_steps=2",
+        "train.save_steps=1000", "train.sft.learning_rate=1e-3"])
+    init_ray(cfg.ray)                               # what sft() does; joins, starts nothing
+    deadline = time.time() + 300
+    while True:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        nodes = {label: n["NodeID"] for n in alive for label in ("node_head", "node_b")
+                 if label in n["Resources"]}
+        if len(nodes) == 2:
+            break
+        assert time.time() < deadline, f"the second node did not join: {alive}"
+        time.sleep(2)
+    assert len(alive) == 2, alive
+    r = sft(model, prepared, output, cfg)
+    Path(result).write_text(json.dumps({"nodes": nodes, "workers": r.workers,
+                                        "summary": r.metrics, "model_dir": str(r.model_dir)}))
+
+
+if __name__ == "__main__":
+    _driver(*sys.argv[1:6])
