@@ -20,33 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+from ray_nodes import free_port, node_ports
 from test_train_support import make_prepared, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ports() -> list[str]:
-    """Every port a node opens, chosen here: a second node on one machine (and the other Ray
-    instances on it) must not collide on Ray's fixed defaults (agent 52365, workers 10002+)."""
-    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            "--min-worker-port=0", "--max-worker-port=0"]         # 0: OS-assigned worker ports
-
-
 def _start_node(args: list[str], temp_dir: Path, log: Path, env: dict) -> subprocess.Popen:
     """`ray start --block` in its own session: its process group is ours to kill."""
     return subprocess.Popen(
         [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}", "--num-gpus=0",
-         "--disable-usage-stats", *_node_ports(), *args],
+         "--disable-usage-stats", *node_ports(), *args],
         start_new_session=True, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 

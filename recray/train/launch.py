@@ -151,12 +151,12 @@ def _collect(result, job: Job, output: Path, lora: bool,
 
 
 def _summary(history: list[dict], data_stats: dict, seconds: float, job: Job) -> dict:
-    steps = [h for h in history if "loss" in h]
+    steps = [h for h in history if "loss" in h]      # the logged steps (every logging_steps)
+    end = next((h for h in reversed(history) if "train_loss" in h), {})
     summary = {"kind": job.kind, "model": job.model, "adapter": job.adapter,
                "learning_rate": job.learning_rate, "epochs": job.epochs,
-               "steps": steps[-1]["step"] if steps else 0, "seconds": round(seconds, 1),
-               "data": data_stats}
-    end = next((h for h in reversed(history) if "train_loss" in h), {})
+               "steps": end.get("step", steps[-1]["step"] if steps else 0),
+               "seconds": round(seconds, 1), "data": data_stats}
     summary["train_loss"] = end.get("train_loss")
     speeds = [h["tokens_per_second"] for h in steps if "tokens_per_second" in h]
     summary["tokens_per_second"] = sum(speeds) / len(speeds) if speeds else None
