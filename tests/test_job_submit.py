@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_ray_job_submit_runs_the_pipeline(tiny_run_overrides, tmp_path):
+def test_ray_job_submit_runs_the_pipeline(ray_session, tiny_run_overrides, tmp_path):
+    # ray_session: a new local ray.init() writes ~/.ray/auth_token if missing (fresh machines),
+    # the token the head started here and its clients authenticate with.
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = Path(f"/tmp/recray-head-{os.getpid()}")        # short: Ray's socket paths are limited
     # The job's `python` is whatever the head's PATH finds first: this suite's interpreter.

@@ -83,7 +83,9 @@ def _stop(procs: list[subprocess.Popen]) -> list[int]:
     return [q.pid for q in alive]
 
 
-def test_two_workers_on_two_nodes(tmp_path):
+def test_two_workers_on_two_nodes(ray_session, tmp_path):
+    # ray_session: a new local ray.init() writes ~/.ray/auth_token if missing (fresh machines),
+    # the token both nodes and the driver authenticate with.
     model = make_tiny_model(tmp_path / "model")
     prepared = make_prepared(tmp_path / "prepared", n=16)
     gcs_port = free_port()
