@@ -185,7 +185,8 @@ class EvaluateConfig(Strict):
     decoding: DecodingConfig = Field(
         default_factory=lambda: DecodingConfig(mode="beam", num_beams=4, num_return=1))
     embedder: Literal["sentence", "hidden"] = "sentence"   # MiniLM, or the LLM's last hidden state
-    splits: list[Literal["valid", "test"]] = ["valid", "test"]  # evaluated after every iteration
+    splits: list[Literal["valid", "test"]] = Field(   # evaluated after every iteration
+        default_factory=lambda: ["valid", "test"], min_length=1)
     limit: int | None = Field(None, ge=1)                      # first N samples of each split
 
 

@@ -24,7 +24,7 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
     from recray.data.loaders import load
     from recray.data.prepare import prepare, summary_table
     from recray.evaluate.report import report
-    from recray.loop import run_loop, write_metrics_log
+    from recray.loop import run_loop
     from recray.runtime import init_ray
 
     config = cfg.model_dump(mode="json")
@@ -41,7 +41,6 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
                     print(summary_table(stats))
             prepared = run.path("prepared")
         run_loop(cfg, run, prepared, on_iteration)
-        write_metrics_log(run)
         # The test split where the run evaluates it, else its first (a sweep may run valid only).
         split = "test" if "test" in cfg.evaluate.splits else cfg.evaluate.splits[0]
         path = report([run.root], run.root / "report", split=split)

@@ -160,7 +160,6 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             metrics = _evaluate(run, t, policy, pool, cfg, prepared, label=cfg.loop.method)
             if on_iteration:
                 on_iteration(t, metrics)
-    write_metrics_log(run)
 
 
 # What makes two runs' π_0 the same model evaluated the same way.

@@ -10,6 +10,7 @@ cluster it first joined."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +47,16 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 18
         time.sleep(1)
 
 
+def _send(groups: list[subprocess.Popen], processes: list, sig: signal.Signals) -> None:
+    import psutil
+    for p in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, sig)
+    for q in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            q.send_signal(sig)
+
+
 def _stop(procs: list[subprocess.Popen]) -> list[int]:
     """SIGTERM each started node's process group and every process below it (Ray workers
     run in process groups of their own), SIGKILL what is left after 30 s. Nothing else."""
@@ -56,27 +67,9 @@ def _stop(procs: list[subprocess.Popen]) -> list[int]:
             mine += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for q in mine:
-        try:
-            q.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    _send(procs, mine, signal.SIGTERM)
     _, alive = psutil.wait_procs(mine, timeout=30)
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for q in alive:
-        try:
-            q.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _send(procs, alive, signal.SIGKILL)
     for p in procs:
         p.wait(timeout=30)
     _, alive = psutil.wait_procs(alive, timeout=30)
