@@ -133,6 +133,11 @@ class TrialResources(Strict):
     """What Tune reserves for a trial's driver; the trial's training workers and generation
     pool ask Ray for their own (train.scaling, generate.*) while it runs."""
     cpu: float = Field(1, ge=0)
+    # Tune refuses a request of nothing; memory also makes a 0-CPU driver a real request.
+    memory_gb: float = Field(0.5, gt=0)
+
+    def request(self) -> dict:
+        return {"cpu": self.cpu, "memory": int(self.memory_gb * 2**30)}
 
 
 class SweepConfig(Strict):
@@ -400,7 +405,7 @@ def run_sweep(sweep: SweepConfig, base: Config, output: Path, resume: bool = Fal
         prepare(load(base.data), base.data, root / "prepared")
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dir=str(root)),
-                                    {"cpu": sweep.trial_resources.cpu})
+                                    sweep.trial_resources.request())
     if resume:
         # Errored trials resume too: their run directories skip every finished stage.
         tuner = tune.Tuner.restore(str(root), trainable, resume_errored=True)

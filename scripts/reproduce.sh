@@ -1,33 +1,53 @@
 #!/usr/bin/env bash
-# The reproduction of docs/results.md: BIGRec and SPRec with 2 seeds, SPRec-noSFT,
-# SPRec-noDPO and SPRec-RN with seed 0, then one report over all runs.
+# The reproduction of docs/results.md, about two hours on a 2-core CPU machine:
+#   1. π_0 (= BIGRec) for seeds 0 and 1;
+#   2. the SPRec settings chosen on the valid split: a sweep of one self-play iteration
+#      from seed 0's π_0 (tune/sweep-repro.yaml); its best trial is SPRec seed 0;
+#   3. SPRec seed 1, and SPRec-noSFT, SPRec-noDPO and SPRec-RN from seed 0's π_0, all with
+#      the chosen settings (the sweep's best.yaml);
+#   4. one report over all runs, written to RUNS_DIR/report.
 #   bash scripts/reproduce.sh [RUNS_DIR] [key=value ...]    (default RUNS_DIR: runs/repro)
-# Sizes: configs/ml100k.yaml; for the paper's sizes on a GPU cluster pass
-# `-c configs/paper-movielens.yaml` through CONFIG=..., e.g.
+# The overrides apply to every run. An interrupted reproduction continues where it stopped.
+# The paper's sizes on a GPU cluster are one variable away (the sweep then starts from it):
 #   CONFIG=configs/paper-movielens.yaml bash scripts/reproduce.sh runs/paper
-# The ablations share seed 0's π_0 (loop.init_from): the same model, trained once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck disable=SC1091
-. "$ROOT/scripts/setup.sh"
+if [ -z "${RECRAY_NO_SETUP:-}" ]; then
+  # shellcheck disable=SC1091
+  . "$ROOT/scripts/setup.sh"
+fi
 cd "$ROOT"
-RUNS="${1:-runs/repro}"
+RUNS="$(mkdir -p "${1:-runs/repro}" && cd "${1:-runs/repro}" && pwd)"
 shift || true
-CONFIG="${CONFIG:-configs/ml100k.yaml}"
+CONFIG="${CONFIG:-configs/repro-movielens.yaml}"
 
-run() {   # NAME OVERRIDES...: run, or continue a run an interruption left unfinished
-  local name="$1"; shift
+run() {   # NAME CONFIG OVERRIDES...: run, or continue a run an interruption left unfinished
+  local name="$1" config="$2"; shift 2
   if [ -f "$RUNS/$name/manifest.json" ]; then
-    recray run -c "$CONFIG" --resume "$RUNS/$name" "$@"
+    recray run -c "$config" --resume "$RUNS/$name" "$@"
   else
-    recray run -c "$CONFIG" --runs "$RUNS" --name "$name" "$@"
+    recray run -c "$config" --runs "$RUNS" --name "$name" "$@"
   fi
 }
 
-run sprec-s0 loop.seed=0 train.seed=0 "$@"
-run sprec-s1 loop.seed=1 train.seed=1 "$@"
-for method in sprec-nosft sprec-nodpo sprec-rn; do
-  run "$method-s0" loop.method="$method" loop.init_from="$RUNS/sprec-s0" "$@"
+for seed in 0 1; do
+  run "bigrec-s$seed" "$CONFIG" loop.method=bigrec train.seed=$seed "$@"   # π_0: no loop seed
 done
-recray report "$RUNS"/sprec-s0 "$RUNS"/sprec-s1 "$RUNS"/sprec-nosft-s0 "$RUNS"/sprec-nodpo-s0 \
-  "$RUNS"/sprec-rn-s0 --output "$RUNS/report"
+
+if [ -f "$RUNS/sweep/sweep.json" ]; then
+  recray sweep --resume "$RUNS/sweep"
+else
+  sed "s|^base: .*|base: $CONFIG|" tune/sweep-repro.yaml > "$RUNS/sweep-repro.yaml"
+  recray sweep -c "$RUNS/sweep-repro.yaml" --output "$RUNS/sweep" \
+    loop.init_from="$RUNS/bigrec-s0" "$@"
+fi
+best="$RUNS/sweep/report/best.yaml"
+sprec_s0="$(python -c 'import csv, sys; print(next(csv.DictReader(open(sys.argv[1])))["run_dir"])' \
+  "$RUNS/sweep/report/trials.csv")"   # trials.csv lists the best trial first
+
+run sprec-s1 "$best" loop.init_from="$RUNS/bigrec-s1" train.seed=1 loop.seed=1 "$@"
+for method in sprec-nosft sprec-nodpo sprec-rn; do
+  run "$method-s0" "$best" loop.method="$method" "$@"
+done
+recray report "$RUNS/bigrec-s0" "$RUNS/bigrec-s1" "$sprec_s0" "$RUNS/sprec-s1" \
+  "$RUNS/sprec-nosft-s0" "$RUNS/sprec-nodpo-s0" "$RUNS/sprec-rn-s0" --output "$RUNS/report"

@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from recray.config import load_config
 from recray.errors import ConfigError
+from recray.loop import check_config
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -15,6 +18,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_repo_default_config_loads():
     cfg = load_config("configs/ml100k.yaml")
     assert cfg.data.format == "movielens" and cfg.data.input is None
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_is_a_valid_run(path):
+    check_config(load_config(path))
 
 
 @pytest.mark.parametrize("override, key", [

@@ -82,6 +82,20 @@ def test_the_shipped_sweeps_are_valid():
                                 "train.dpo.learning_rate"}
     assert base.data.history_len == 5 and "valid" in base.evaluate.splits   # configs/ml100k.yaml
     load_sweep(ROOT / "tune" / "sweep-tiny.yaml")
+    sweep, base = load_sweep(ROOT / "tune" / "sweep-repro.yaml")     # scripts/reproduce.sh
+    assert sweep.search == "grid" and base.data.n_train == 512
+
+
+def test_a_trial_driver_may_hold_no_cpu():
+    """The shipped sweeps give the driver 0 CPUs (its workers take them all on 2 cores):
+    Tune must still accept the request, as run_sweep makes it (an empty one it refuses)."""
+    from ray import tune
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    from recray.sweep import TrialResources
+    request = TrialResources(cpu=0).request()
+    tune.with_resources(lambda config: None, request)
+    assert resource_dict_to_pg_factory(request).bundles == [{"memory": 2**29}]
 
 
 def test_the_constrained_objective():
