@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reproduction of docs/results.md, about two hours on a 2-core CPU machine:
+# The reproduction of docs/results.md, 2 h 25 min on a 2-core CPU machine:
 #   1. π_0 (= BIGRec) for seeds 0 and 1;
 #   2. the SPRec settings chosen on the valid split: a sweep of one self-play iteration
 #      from seed 0's π_0 (tune/sweep-repro.yaml); its best trial is SPRec seed 0;
@@ -7,6 +7,7 @@
 #      the chosen settings (the sweep's best.yaml);
 #   4. one report over all runs, written to RUNS_DIR/report.
 #   bash scripts/reproduce.sh [RUNS_DIR] [key=value ...]    (default RUNS_DIR: runs/repro)
+# RECRAY_NO_SETUP=1 skips scripts/setup.sh (a venv set up and activated elsewhere).
 # The overrides apply to every run. An interrupted reproduction continues where it stopped.
 # The paper's sizes on a GPU cluster are one variable away (the sweep then starts from it):
 #   CONFIG=configs/paper-movielens.yaml bash scripts/reproduce.sh runs/paper
