@@ -129,7 +129,7 @@ def cmd_report(args) -> None:
     elif args.output is None:
         raise RecrayError("recray report RUN_DIR ... needs --output (only a sweep has a default)")
     else:
-        path = report([Path(d) for d in args.runs], Path(args.output), split=args.split)
+        path = report([Path(d) for d in args.runs], Path(args.output), splits=args.split)
     print(path.read_text())
     print(f"report: {path}")
 
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("evaluate", help="generate, ground and score a model on a prepared split")
     p.add_argument("--data", required=True, help="a `recray prepare` output directory")
-    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--split", choices=["valid", "test"], action="append",
+                   help="a split to compare (repeatable); default: every split evaluated, test first")
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder on top of --model")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
@@ -250,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl), evaluation "
                                            "directories, or one sweep directory")
     p.add_argument("--output", help="report directory (required for runs; a sweep: SWEEP_DIR/report)")
-    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--split", choices=["valid", "test"], action="append",
+                   help="a split to compare (repeatable); default: every split evaluated, test first")
     p.set_defaults(func=cmd_report)
     return parser
 

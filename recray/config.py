@@ -41,6 +41,10 @@ class DataConfig(Strict):
     catalog: str | None = None          # format table: the item file (else `input` holds titles)
     columns: TableColumns = Field(default_factory=TableColumns)
     noun: str = "movie"                 # "movie", "book", "game", "album": goes into the prompt
+    # article_first: "Usual Suspects, The (1995)" is shown to the model (prompts, answers,
+    # grounding) as "The Usual Suspects (1995)", the form pretraining saw; the catalog keeps
+    # the stored form as source_title. source: titles as the source stores them.
+    title_form: Literal["article_first", "source"] = "article_first"
     min_interactions: int = Field(10, ge=1)
     history_len: int = Field(10, ge=1)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -178,12 +182,15 @@ class GenerateConfig(Strict):
     random_ratio: float = Field(0.0, ge=0, le=1)  # rho: share of self-play negatives made random
     ground: bool = False                    # replace each negative by its nearest catalog title
     fill_short: bool = True                 # top up rows short of N with random catalog items
+    # Every answer an exact catalog title: decoding follows a prefix tree over the catalog's
+    # tokenised answers (greedy and beam; both backends). Applies to negatives and evaluation.
+    constrain_to_catalog: bool = False
 
 
 class EvaluateConfig(Strict):
-    """Spec §4: one answer per prompt (beam search, 4 beams, first beam), grounded to the catalog."""
-    decoding: DecodingConfig = Field(
-        default_factory=lambda: DecodingConfig(mode="beam", num_beams=4, num_return=1))
+    """Spec §4: one answer per prompt (greedy, as the reference code; beam is a setting),
+    grounded to the catalog."""
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     embedder: Literal["sentence", "hidden"] = "sentence"   # MiniLM, or the LLM's last hidden state
     splits: list[Literal["valid", "test"]] = Field(   # evaluated after every iteration
         default_factory=lambda: ["valid", "test"], min_length=1)
@@ -193,11 +200,25 @@ class EvaluateConfig(Strict):
 class LoopConfig(Strict):
     """The self-play loop (spec §3); `method` picks the baseline or ablation."""
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
-                    "sdpo", "rw"] = "sprec"
+                    "sdpo", "rw", "mostpop", "random", "sasrec"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2
     init_from: str | None = None            # an earlier run whose π_0 (and its evaluation) to reuse
     iterations: int = Field(5, ge=0)        # T
     samples_per_iteration: int = Field(2048, ge=1)   # n_t, drawn from the train subset
+    seed: int = 0
+
+
+class SasrecConfig(Strict):
+    """The SASRec reference row (spec §4; paper App. C): item-ID self-attention over the
+    history, trained on the train subset, early-stopped on the valid subset."""
+    hidden: int = Field(64, ge=1)           # paper: embedding size 64
+    blocks: int = Field(2, ge=1)
+    heads: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1) # paper
+    learning_rate: float = Field(4e-3, gt=0)   # paper: Adam 4e-3
+    batch_size: int = Field(128, ge=1)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(20, ge=1)         # epochs without a better valid NDCG@5
     seed: int = 0
 
 
@@ -216,6 +237,7 @@ class Config(Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    sasrec: SasrecConfig = Field(default_factory=SasrecConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -41,10 +41,7 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
                     print(summary_table(stats))
             prepared = run.path("prepared")
         run_loop(cfg, run, prepared, on_iteration)
-        # The test split where the run evaluates it, else its first (a sweep may run valid only).
-        split = "test" if "test" in cfg.evaluate.splits else cfg.evaluate.splits[0]
-        path = report([run.root], run.root / "report", split=split)
-        print(path.read_text())
+        path = report([run.root], run.root / "report")
         log.info("run %s finished in %.0f s; report: %s", run.root, time.time() - start, path)
     finally:
         run.release()

@@ -44,6 +44,7 @@ class Method:
     pairwise: bool = False      # DMPO: one standard DPO pair per negative instead of S-DPO
     one_pass: bool = False      # DMPO, SDPO: a single DPO pass (T = 1)
     reweight: bool = False      # RW (IFairLRS): re-weighted initial SFT
+    recommender: str | None = None   # a reference row with no LLM (recray.conventional)
 
 
 METHODS = {
@@ -55,6 +56,9 @@ METHODS = {
     "dmpo": Method(sft=False, negatives="random", pairwise=True, one_pass=True),
     "sdpo": Method(sft=False, negatives="random", one_pass=True),
     "rw": Method(loop=False, reweight=True),
+    "mostpop": Method(loop=False, recommender="mostpop"),
+    "random": Method(loop=False, recommender="random"),
+    "sasrec": Method(loop=False, recommender="sasrec"),
 }
 
 
@@ -113,6 +117,12 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
     train_split = pq.read_table(prepared / "train")
 
     check_config(cfg)
+    if method.recommender:
+        metrics = _evaluate(run, 0, cfg, cfg.loop.method,
+                            _reference_evaluator(method.recommender, run, cfg, prepared, catalog))
+        if on_iteration:
+            on_iteration(0, metrics)
+        return
     check_resources(cfg)
     with GenerationPool(cfg.generate, base) as pool:
         if cfg.loop.init_from:
@@ -121,8 +131,8 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             with run.stage("it0/policy") as out:
                 train.sft(base, prepared, out, train_cfg, phase="initial")
         policy = Policy(base, str(run.path("it0/policy") / "adapter"))
-        metrics = _evaluate(run, 0, policy, pool, cfg, prepared,
-                            label="rw" if method.reweight else "bigrec")
+        metrics = _evaluate(run, 0, cfg, "rw" if method.reweight else "bigrec",
+                            _llm_evaluator(policy, pool, cfg, prepared))
         if on_iteration:
             on_iteration(0, metrics)
 
@@ -157,7 +167,8 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
                         train.dpo(base, run.path(f"{it}/negatives") / "negatives.parquet", out,
                                   cfg, adapter=reference.adapter)
                 policy = Policy(base, str(run.path(f"{it}/policy") / "adapter"))
-            metrics = _evaluate(run, t, policy, pool, cfg, prepared, label=cfg.loop.method)
+            metrics = _evaluate(run, t, cfg, cfg.loop.method,
+                                _llm_evaluator(policy, pool, cfg, prepared))
             if on_iteration:
                 on_iteration(t, metrics)
 
@@ -224,10 +235,37 @@ def check_resources(cfg: Config, trial_cpus: float = 0) -> None:
         raise ConfigError(message)
 
 
-def _evaluate(run: RunDir, t: int, policy, pool, cfg: Config, prepared: Path,
-              label: str) -> dict[str, dict]:
-    """Evaluate π_t on every configured split (a finished stage is read back, not redone)."""
+# (split, output folder) -> metrics, writing predictions.parquet and metrics.json there
+Evaluator = Callable[[str, Path], dict]
+
+
+def _llm_evaluator(policy, pool, cfg: Config, prepared: Path) -> Evaluator:
     from recray.evaluate.evaluate import evaluate
+    return lambda split, out: evaluate(prepared, split, policy, cfg, out, cfg.evaluate.limit,
+                                       pool=pool)
+
+
+def _reference_evaluator(name: str, run: RunDir, cfg: Config, prepared: Path,
+                         catalog: pa.Table) -> Evaluator:
+    """Random, MostPop or SASRec (trained once, as stage it0/model) scoring every item."""
+    from recray.conventional import baselines, sasrec
+    from recray.conventional.evaluate import evaluate_recommender
+    if name == "sasrec":
+        if not run.done("it0/model"):
+            with run.stage("it0/model") as out:
+                log.info("sasrec trained: %s", sasrec.fit(prepared, cfg.sasrec, out))
+        recommender = sasrec.Trained(run.path("it0/model"))
+    else:
+        recommender = (baselines.MostPop(catalog) if name == "mostpop"
+                       else baselines.Random(catalog, cfg.loop.seed))
+    return lambda split, out: evaluate_recommender(prepared, split, recommender, out,
+                                                   cfg.evaluate.limit)
+
+
+def _evaluate(run: RunDir, t: int, cfg: Config, label: str,
+              evaluate_split: Evaluator) -> dict[str, dict]:
+    """Evaluate iteration t's model on every configured split (a finished stage is read
+    back, not redone)."""
     from recray.tracking import track
     results = {}
     for split in cfg.evaluate.splits:
@@ -238,8 +276,7 @@ def _evaluate(run: RunDir, t: int, policy, pool, cfg: Config, prepared: Path,
                               if k not in ("method", "iteration", "split", "reused_from")}
             continue
         with run.stage(stage) as out:
-            metrics = evaluate(prepared, split, policy, cfg, out / "result", cfg.evaluate.limit,
-                               pool=pool)
+            metrics = evaluate_split(split, out / "result")
             (out / "row.json").write_text(json.dumps(
                 {"method": label, "iteration": t, "split": split, **metrics}))
         log.info("iteration %d %s: HR@5 %.4f NDCG@5 %.4f DivRatio@1 %.4f ORRatio@1 %.4f MGU@1 %.4f",

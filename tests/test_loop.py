@@ -76,7 +76,7 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
 
 def test_methods_cover_the_paper():
     assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
-                            "dmpo", "sdpo", "rw"}
+                            "dmpo", "sdpo", "rw", "mostpop", "random", "sasrec"}
     assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"
     assert not METHODS["sprec-nodpo"].dpo and not METHODS["sprec-nosft"].sft
 

@@ -29,10 +29,10 @@ def test_report_files_and_table(tmp_path):
     md = report([tmp_path / "bigrec-s0", tmp_path / "bigrec-s1", tmp_path / "sprec-s0"],
                 tmp_path / "report")
     text = md.read_text()
-    assert "| BIGRec (n=2) | 0.3000 ± 0.1000" in text
+    assert "| BIGRec (n=2) | 0.3000 ± 0.1414" in text      # sample std (ddof=1) of 0.2, 0.4
     # SPRec's final 0.5 wins the higher-is-better columns, BIGRec's 0.3 the lower-is-better.
     sprec_row = next(line for line in text.splitlines() if line.startswith("| SPRec "))
-    assert sprec_row.count("**") == 2 * 4     # DivRatio@1/@5, HR@5, NDCG@5
+    assert sprec_row.count("**") == 2 * 5     # DivRatio@1/@5, HR@5, NDCG@5, HR@20
     for png in ("metrics_per_iteration.png", "gu_by_genre.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -56,3 +56,44 @@ def test_one_run_can_hold_bigrec_and_sprec(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = report([run], tmp_path / "out").read_text()
     assert "| BIGRec | 0.1000" in text and "| SPRec | **0.3000**" in text
+
+
+def test_a_tie_for_best_bolds_nothing():
+    rows = {"a": [{c: 0.1 for c in TABLE_COLUMNS}], "b": [{c: 0.1 for c in TABLE_COLUMNS}]}
+    assert "**" not in comparison_table(rows)
+
+
+def write_evaluated_run(path, method, ranks, split="test"):
+    """A run as the loop writes it: metrics.jsonl plus the predictions of iteration 0."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recray.evaluate.metrics import hit_ratio
+    result = path / "it0" / "eval" / split / "result"
+    result.mkdir(parents=True)
+    pq.write_table(pa.table({"sample_id": [f"s{i}" for i in range(len(ranks))],
+                             "target_rank": pa.array(ranks, pa.int64())}),
+                   result / "predictions.parquet")
+    row = {"method": method, "iteration": 0, "split": split,
+           **{c: 0.1 for c in TABLE_COLUMNS}, "HR@5": hit_ratio(np.array(ranks), 5),
+           "HR@20": hit_ratio(np.array(ranks), 20)}
+    (path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+
+
+def test_differences_to_bigrec_carry_paired_intervals_and_mostpop_verdicts(tmp_path):
+    n = 200
+    bigrec = [1000] * n                     # never a hit
+    better = [0] * 40 + [1000] * (n - 40)   # 40 hits more than BIGRec: HR@5 +0.2
+    same = list(bigrec)
+    write_evaluated_run(tmp_path / "b", "bigrec", bigrec)
+    write_evaluated_run(tmp_path / "m", "mostpop", better)
+    write_evaluated_run(tmp_path / "s", "sprec", same)
+    text = report([tmp_path / "b", tmp_path / "m", tmp_path / "s"], tmp_path / "out").read_text()
+    mostpop = next(line for line in text.splitlines() if line.startswith("| MostPop (train-split targets) (m)"))
+    diff, interval = mostpop.split(" | ")[1].split(" [")
+    low, high = (float(x) for x in interval.rstrip("]").split(", "))
+    assert float(diff) == pytest.approx(0.2) and 0.1 < low < 0.2 < high < 0.3
+    sprec = next(line for line in text.splitlines() if line.startswith("| SPRec (s)"))
+    assert "+0.0000 [+0.0000, +0.0000]" in sprec
+    assert "SPRec does not beat MostPop" in text and "BIGRec does not beat MostPop" in text

@@ -28,7 +28,7 @@ import ray.data
 from recray.atomic import atomic_dir
 from recray.config import DataConfig
 from recray.data.loaders import Source
-from recray.data.prompts import build_completion, build_prompt
+from recray.data.prompts import article_first, build_completion, build_prompt
 from recray.errors import DataError, RecrayError
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,17 @@ def clean_catalog(catalog: pa.Table) -> tuple[pa.Table, dict]:
             keep.append(i)
             seen.add(item)
     return catalog.take(pa.array(keep, pa.int64())), dict(stats)
+
+
+def shown_titles(catalog: pa.Table, form: str) -> tuple[pa.Table, int]:
+    """The catalog with `title` in the form the model sees and is scored in (prompts,
+    answers, negatives, grounding) and `source_title` as stored; and how many changed."""
+    stored = catalog.column("title").to_pylist()
+    shown = [article_first(t) for t in stored] if form == "article_first" else stored
+    index = catalog.column_names.index("title")
+    catalog = catalog.set_column(index, "title", pa.array(shown, pa.string()))
+    catalog = catalog.append_column("source_title", pa.array(stored, pa.string()))
+    return catalog, sum(a != b for a, b in zip(stored, shown))
 
 
 # ---------------------------------------------------------------- per user
@@ -283,6 +294,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
         raise RecrayError(f"{output} already exists: choose another --output or pass --overwrite")
     start = time.time()
     catalog, catalog_drops = clean_catalog(source.catalog)
+    catalog, n_article_first = shown_titles(catalog, cfg.title_form)
     all_ids = set(source.catalog.column("item_id").to_pylist())
     empty_title_items = pa.array(sorted(all_ids - set(catalog.column("item_id").to_pylist())),
                                  pa.string())
@@ -334,7 +346,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
         "files": source.files,
         "loader_dropped": source.dropped,
         "catalog": {"items_in": source.catalog.num_rows, "items_kept": catalog.num_rows,
-                    **catalog_drops},
+                    "titles_article_first": n_article_first, **catalog_drops},
         "interactions": {
             "read": totals["n_raw"],
             "dropped_bad_row": totals["n_bad_row"],
@@ -397,6 +409,7 @@ def summary_table(stats: dict) -> str:
         ("interactions used", i["used"]),
         ("users kept / seen", f"{u['kept']} / {u['seen']}"),
         ("catalog items kept / read", f"{stats['catalog']['items_kept']} / {stats['catalog']['items_in']}"),
+        ("  titles shown article-first", stats["catalog"].get("titles_article_first", 0)),
         ("samples (train / valid / test split)",
          f"{s['total']} ({s['train_split']} / {s['valid_split']} / {s['test_split']})"),
         ("subsets written (train / valid / test)",

@@ -28,6 +28,23 @@ def build_prompt(history_titles: Sequence[str], noun: str = "movie") -> str:
     )
 
 
+# Articles that catalogs (MovieLens, IMDb) move to the end of a title: "Usual Suspects, The (1995)".
+_ARTICLES = ("The", "A", "An", "Les", "La", "Le", "L'", "Il", "Das", "Der", "Die", "El", "Los",
+             "Las", "Det", "Den", "Un", "Une")
+_ARTICLE_LAST = re.compile(r"^(?P<name>.+?), (?P<article>" + "|".join(map(re.escape, _ARTICLES))
+                           + r")(?P<rest>(?: \(.*\))?)$")
+
+
+def article_first(title: str) -> str:
+    """"Usual Suspects, The (1995)" -> "The Usual Suspects (1995)"; other titles unchanged.
+    Only the main title moves its article; parenthesised alternates stay as stored."""
+    match = _ARTICLE_LAST.match(title)
+    if not match:
+        return title
+    article = match["article"]
+    return f"{article}{'' if article.endswith(chr(39)) else ' '}{match['name']}{match['rest']}"
+
+
 def build_completion(title: str) -> str:
     """The answer the model is trained to write: the quoted title and a newline."""
     return f'"{title}"\n'

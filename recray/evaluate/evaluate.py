@@ -22,7 +22,7 @@ from recray.atomic import atomic_dir
 from recray.data.prompts import parse_title
 from recray.errors import DataError, RecrayError
 from recray.evaluate.grounding import Embedder, catalog_embeddings, rank_catalog
-from recray.evaluate.metrics import KS, metrics_from_tables
+from recray.evaluate.metrics import KS, metrics_from_tables, recommendation_profile
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,37 @@ def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[
     metrics = metrics_from_tables(predictions, catalog, groups, ks=ks)
     counts = Counter(statuses)
     metrics.update({f"parse_{s}": counts.get(s, 0) for s in PARSE_STATUSES})
+    catalog_titles = set(catalog.column("title").to_pylist())
+    metrics["exact_title_share"] = float(np.mean([t in catalog_titles for t, _ in parsed]))
+    metrics.update(recommendation_profile(predictions, catalog))
+    return predictions, metrics
+
+
+def score_items(samples: pa.Table, item_scores: np.ndarray, catalog: pa.Table,
+                groups: list[str], ks=KS) -> tuple[pa.Table, dict]:
+    """`score` for a model that scores every catalog item (MostPop, Random, SASRec): row u
+    of `item_scores` (samples x catalog items, catalog order) ranks the catalog for sample
+    u, ties broken by catalog order; the predictions table has the same contract."""
+    item_ids = catalog.column("item_id").to_pylist()
+    if item_scores.shape != (samples.num_rows, len(item_ids)):
+        raise RecrayError(f"item scores of shape {item_scores.shape} for {samples.num_rows} "
+                          f"samples and {len(item_ids)} catalog items")
+    index = {item: i for i, item in enumerate(item_ids)}
+    targets = np.array([index[t] for t in samples.column("target_item_id").to_pylist()])
+    order = np.argsort(-item_scores, axis=1, kind="stable")
+    ranks = np.argsort(order, axis=1)[np.arange(len(targets)), targets]
+    ids = np.asarray(item_ids, dtype=object)
+    predictions = pa.table({
+        "sample_id": samples.column("sample_id"),
+        "user_id": samples.column("user_id"),
+        "target_item_id": samples.column("target_item_id"),
+        "history_item_ids": samples.column("history_item_ids"),
+        "topk_item_ids": pa.array([ids[row].tolist() for row in order[:, :min(TOPK, len(ids))]],
+                                  pa.list_(pa.string())),
+        "target_rank": pa.array(ranks, pa.int64()),
+    })
+    metrics = metrics_from_tables(predictions, catalog, groups, ks=ks)
+    metrics.update(recommendation_profile(predictions, catalog))
     return predictions, metrics
 
 

@@ -272,3 +272,48 @@ def metrics_from_tables(predictions: pa.Table, catalog: pa.Table, groups: Sequen
         item_popularity=popularity_groups(item_ids, catalog.column("train_count").to_numpy()),
         ks=ks,
     )
+
+
+def recommendation_profile(predictions: pa.Table, catalog: pa.Table, top: int = 5) -> dict:
+    """What a model recommends, beside how well: the target-rank median (chance is about
+    half the catalog), the mean train count of the top-1 and top-5 items (MostPop's is the
+    ceiling), and the `top` most recommended top-1 titles with their counts."""
+    _require_columns(predictions, ("topk_item_ids", "target_rank"), "predictions")
+    _require_columns(catalog, ("item_id", "title", "train_count"), "catalog")
+    counts = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("train_count").to_pylist()))
+    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    lists = predictions.column("topk_item_ids").to_pylist()
+    out: dict = {"target_rank_median": float(np.median(predictions.column("target_rank").to_numpy()))}
+    for k in (1, 5):
+        out[f"mean_train_count@{k}"] = float(np.mean([counts[i] for row in lists for i in row[:k]]))
+    out["top_recommended"] = [[titles[i], n] for i, n in Counter(row[0] for row in lists).most_common(top)]
+    return out
+
+
+def per_sample(ranks: Sequence[int] | np.ndarray, metric: str) -> np.ndarray:
+    """Each sample's contribution to HR@K or NDCG@K (metric "HR@5", "NDCG@20", ...)."""
+    name, k = metric.split("@")
+    r = _check_ranks(ranks)
+    hit = r < int(k)
+    if name == "HR":
+        return hit.astype(float)
+    if name == "NDCG":
+        return np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+    raise ValueError(f"no per-sample form for {metric!r} (HR@K and NDCG@K have one)")
+
+
+def paired_bootstrap(ranks_a: Sequence[int] | np.ndarray, ranks_b: Sequence[int] | np.ndarray,
+                     metric: str, n_resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """(difference b − a, lower, upper): the metric's difference between two models ranked on
+    the SAME samples in the same order, with its percentile interval over `n_resamples`
+    resamplings of the samples (both models resampled together: paired)."""
+    a, b = per_sample(ranks_a, metric), per_sample(ranks_b, metric)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs the same samples: {a.size} against {b.size}")
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(n_resamples, diff.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(diff.mean()), float(low), float(high)

@@ -1,0 +1,27 @@
+"""Evaluation of a recommender that scores every item: the same prediction files and
+metrics as an LLM's evaluation (recray.evaluate.evaluate), with no generation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from recray.evaluate.evaluate import read_prepared, score_items, write_evaluation
+
+
+class Recommender(Protocol):
+    def scores(self, samples: pa.Table) -> np.ndarray: ...   # (samples x catalog items)
+
+
+def evaluate_recommender(data_dir: Path, split: str, recommender: Recommender, output: Path,
+                         limit: int | None = None) -> dict:
+    samples, catalog, groups = read_prepared(data_dir, split, limit)
+    start = time.time()
+    predictions, metrics = score_items(samples, recommender.scores(samples), catalog, groups)
+    metrics["seconds_score"] = round(time.time() - start, 1)
+    write_evaluation(output, predictions, metrics)
+    return metrics
