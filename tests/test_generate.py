@@ -183,6 +183,41 @@ def test_beam_search_agrees_across_backends(pools, tiny):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_catalog_constrained_answers_are_exact_titles(pools, tiny, backend):
+    """A random tiny model writes no title unconstrained; constrained, every greedy and
+    beam answer is one of the catalog's exact answers, the beams distinct."""
+    from recray.data.prompts import build_completion
+    answers = {build_completion(t) for t in TITLES}
+    policy, table = Policy(tiny["base"], tiny["a1"]), prompts_table(6)
+    free = pools[backend].generate(table, policy, DecodingConfig(max_new_tokens=24))
+    assert not set(c[0] for c in free["candidates"].to_pylist()) & answers
+    greedy = pools[backend].generate(table, policy, DecodingConfig(max_new_tokens=24), TITLES)
+    assert all(c[0] in answers for c in greedy["candidates"].to_pylist())
+    beam = DecodingConfig(mode="beam", num_beams=4, num_return=3, max_new_tokens=24)
+    out = pools[backend].generate(table, policy, beam, TITLES)
+    for cands, scores in zip(out["candidates"].to_pylist(), out["scores"].to_pylist()):
+        assert len(set(cands)) == 3 and set(cands) <= answers
+        assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("decoding", [
+    DecodingConfig(max_new_tokens=24),
+    DecodingConfig(mode="beam", num_beams=4, num_return=4, max_new_tokens=24)], ids=["greedy", "beam"])
+def test_constrained_decoding_agrees_across_backends(pools, tiny, decoding):
+    outs = {b: pools[b].generate(prompts_table(6), Policy(tiny["base"], tiny["a2"]), decoding,
+                                 TITLES) for b in BACKENDS}
+    assert outs["hf"]["candidates"].to_pylist() == outs["vllm"]["candidates"].to_pylist()
+    for a, b in zip(outs["hf"]["scores"].to_pylist(), outs["vllm"]["scores"].to_pylist()):
+        assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_constrained_sampling_is_refused_on_vllm(pools, tiny):
+    with pytest.raises(ConfigError, match="constrain_to_catalog"):
+        pools["vllm"].generate(prompts_table(2), Policy(tiny["base"]),
+                               DecodingConfig(mode="sample", n=2), TITLES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sampling(pools, tiny, backend):
     sample = DecodingConfig(mode="sample", n=3, temperature=1.0, top_p=0.9, max_new_tokens=6)
     out = pools[backend].generate(prompts_table(4), Policy(tiny["base"]), sample)

@@ -18,11 +18,12 @@ def table_step(seed: int):
         logits = np.random.default_rng([seed, *seq]).normal(size=VOCAB) * 2
         return list(logits - np.log(np.exp(logits).sum()))
 
-    def step(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+    def step(seqs: list[list[int]], k: int, allowed=None) -> list[dict[int, float]]:
         out = []
-        for seq in seqs:
+        for i, seq in enumerate(seqs):
             lp = logprobs(seq)
-            top = sorted(range(VOCAB), key=lambda t: -lp[t])[:k]
+            options = range(VOCAB) if allowed is None else allowed[i]
+            top = sorted(options, key=lambda t: -lp[t])[:k]
             out.append({t: lp[t] for t in top})
         return out
     return step, logprobs
@@ -57,12 +58,30 @@ def test_narrow_beam_returns_finished_best_first_and_stops_early():
     step, _ = table_step(11)
     calls = []
 
-    def counted(seqs, k):
+    def counted(seqs, k, allowed):
         calls.append(len(seqs))
-        return step(seqs, k)
+        return step(seqs, k, allowed)
 
     # Every token ends an answer: one step decides everything.
     got = beam_search([[1, 2]], counted, width=2, num_return=2, max_new_tokens=10,
                       is_finished=lambda t: True)
     assert len(calls) == 1 and len(got[0]) == 2
     assert got[0][0].score >= got[0][1].score and all(len(b.tokens) == 1 for b in got[0])
+
+
+def test_constrained_beam_returns_only_allowed_answers_best_first():
+    """A prefix tree of three answers; the wide constrained search equals ranking them."""
+    answers = [[1, 2, EOS], [1, 3, EOS], [2, EOS]]
+
+    def allowed(generated):
+        return sorted({a[len(generated)] for a in answers if a[:len(generated)] == generated})
+
+    step, logprobs = table_step(3)
+    prompt = [5, 6]
+    got = beam_search([prompt], step, width=4, num_return=3, max_new_tokens=MAX_NEW,
+                      is_finished=lambda t: t[-1] == EOS, allowed=allowed)[0]
+    want = sorted(answers, key=lambda a: -sum(logprobs(prompt + a[:i])[t] for i, t in enumerate(a)))
+    assert [b.tokens for b in got] == want
+    greedy = beam_search([prompt], step, width=1, num_return=1, max_new_tokens=MAX_NEW,
+                         is_finished=lambda t: t[-1] == EOS, allowed=allowed)[0]
+    assert greedy[0].tokens in answers

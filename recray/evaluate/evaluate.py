@@ -164,7 +164,9 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
     own_pool = pool is None
     pool = pool or GenerationPool(cfg.generate, policy.model)
     try:
-        answers = pool.generate(samples, policy, cfg.evaluate.decoding)
+        constrain = cfg.generate.constrain_to_catalog
+        answers = pool.generate(samples, policy, cfg.evaluate.decoding,
+                                catalog.column("title").to_pylist() if constrain else None)
     finally:
         if own_pool:
             pool.close()

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-# seqs (prompt + generated token ids) -> for each, {token id: log-prob} of >= k likely tokens
-StepFn = Callable[[list[list[int]], int], list[dict[int, float]]]
+# seqs (prompt + generated token ids), k, and per seq the tokens it may take (None: any)
+# -> for each seq, {token id: log-prob} of its >= k likeliest (allowed) tokens
+StepFn = Callable[[list[list[int]], int, list[list[int]] | None], list[dict[int, float]]]
 
 
 @dataclass
@@ -58,15 +59,18 @@ def _advance(search: _Search, top: list[dict[int, float]], width: int,
 
 
 def beam_search(prompts: Sequence[list[int]], step: StepFn, width: int, num_return: int,
-                max_new_tokens: int, is_finished: Callable[[list[int]], bool]) -> list[list[Beam]]:
-    """For each prompt, its `num_return` best hypotheses, best first."""
+                max_new_tokens: int, is_finished: Callable[[list[int]], bool],
+                allowed: Callable[[list[int]], list[int]] | None = None) -> list[list[Beam]]:
+    """For each prompt, its `num_return` best hypotheses, best first. `allowed(generated)`:
+    the tokens a beam may take next (catalog-constrained decoding); None: any."""
     searches = [_Search(list(p)) for p in prompts]
     for _ in range(max_new_tokens):
         live = [s for s in searches if not s.done(width)]
         if not live:
             break
         seqs = [s.prompt + b.tokens for s in live for b in s.running]
-        tops = iter(step(seqs, 2 * width))
+        options = [allowed(b.tokens) for s in live for b in s.running] if allowed else None
+        tops = iter(step(seqs, 2 * width, options))
         for s in live:
             _advance(s, [next(tops) for _ in s.running], width, is_finished)
     out = []

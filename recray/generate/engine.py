@@ -13,6 +13,7 @@ import os
 import pyarrow as pa
 
 from recray.config import DecodingConfig, GenerateConfig
+from recray.generate.constrain import TitleTrie
 from recray.generate.policy import Policy
 from recray.generate.seeding import keyed_seed
 from recray.generate.text import fit_prompt
@@ -38,6 +39,7 @@ class GenerationActor:
             from recray.generate.hf import HFBackend
             self.engine = HFBackend(model, cfg, threads)
         self.cfg = cfg
+        self.trie: tuple[str, TitleTrie] | None = None     # (catalog key, its prefix tree)
 
     def pid(self) -> int:
         return os.getpid()
@@ -58,13 +60,22 @@ class GenerationActor:
             dropped.append(n)
         return ids, dropped
 
+    def _trie(self, catalog: tuple[str, list[str]] | None) -> TitleTrie | None:
+        if catalog is None:
+            return None
+        key, titles = catalog
+        if self.trie is None or self.trie[0] != key:
+            self.trie = (key, TitleTrie(self.engine.tokenizer, titles))
+        return self.trie[1]
+
     def generate(self, batch: pa.Table, policy: Policy, adapter_id: int | None,
-                 decoding: DecodingConfig) -> pa.Table:
+                 decoding: DecodingConfig, catalog: tuple[str, list[str]] | None = None) -> pa.Table:
+        """`catalog`: (key, titles) to constrain every answer to one of the titles."""
         self.engine.set_policy(policy, adapter_id)
         ids, dropped = self._prompt_ids(batch, self.cfg.max_model_len - decoding.max_new_tokens)
         sample_ids = batch.column("sample_id").to_pylist()
         seeds = [keyed_seed(decoding.seed, sid) for sid in sample_ids]
-        found = self.engine.generate(ids, decoding, seeds, policy)
+        found = self.engine.generate(ids, decoding, seeds, policy, self._trie(catalog))
         found = [sorted(c, key=lambda x: -x.score) for c in found]     # stable: best first
         return pa.table({
             "sample_id": sample_ids,

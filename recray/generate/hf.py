@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from recray.config import DecodingConfig, GenerateConfig
+from recray.generate.constrain import TitleTrie
 from recray.generate.policy import Policy
 from recray.generate.text import STOP, Answers, Candidate
 
@@ -81,7 +82,7 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], d: DecodingConfig, seeds: list[int],
-                 policy: Policy) -> list[list[Candidate]]:
+                 policy: Policy, trie: TitleTrie | None = None) -> list[list[Candidate]]:
         """Prompts of similar length go together, at most hf_max_sequences sequences a call."""
         width = {"greedy": 1, "beam": d.num_beams, "sample": d.n}[d.mode]
         per_call = max(1, self.cfg.hf_max_sequences // width)
@@ -92,22 +93,24 @@ class HFBackend:
         with self.peft.disable_adapter() if base_only else contextlib.nullcontext():
             for start in range(0, len(order), per_call):
                 rows = order[start:start + per_call]
-                found = self._generate(model, [prompt_ids[i] for i in rows], d, seeds[rows[0]])
+                found = self._generate(model, [prompt_ids[i] for i in rows], d, seeds[rows[0]],
+                                       trie)
                 for i, candidates in zip(rows, found):
                     out[i] = candidates
         return out
 
-    def _generate(self, model, batch: list[list[int]], d: DecodingConfig,
-                  seed: int) -> list[list[Candidate]]:
+    def _generate(self, model, batch: list[list[int]], d: DecodingConfig, seed: int,
+                  trie: TitleTrie | None) -> list[list[Candidate]]:
         width = max(len(x) for x in batch)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch],
                             device=self.device)
         torch.manual_seed(seed)
+        allowed = None if trie is None else (lambda _, seq: trie.allowed(seq[width:].tolist()))
         out = model.generate(input_ids=ids, attention_mask=mask,
                              generation_config=_generation_config(d, self.tokenizer),
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, prefix_allowed_tokens_fn=allowed)
         new = out.sequences[:, width:].tolist()
         lengths = [self.answers.length(t) for t in new]
         if d.mode == "beam":

@@ -196,7 +196,8 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
     if cfg.source == "self":
         if pool is None or policy is None:
             raise RecrayError("self-play negatives need a generation pool and a policy")
-        generated = pool.generate(samples, policy, negatives_decoding(cfg.decoding, n, seed))
+        generated = pool.generate(samples, policy, negatives_decoding(cfg.decoding, n, seed),
+                                  titles if cfg.constrain_to_catalog else None)
         run = dict(pool.last_run)
         found = dict(zip(generated.column("sample_id").to_pylist(),
                          zip(generated.column("candidates").to_pylist(),
@@ -228,6 +229,7 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
     table = _negatives_table(samples, rows, keep)
     stats = {"samples": len(ids), "rows": table.num_rows, "n_negatives": n, "source": cfg.source,
              "random_ratio": cfg.random_ratio, "ground": cfg.ground, "fill_short": cfg.fill_short,
+             "constrain_to_catalog": cfg.constrain_to_catalog,
              "seed": seed, "policy": None if policy is None else vars(policy),
              "decoding": (negatives_decoding(cfg.decoding, n, seed).model_dump()
                           if cfg.source == "self" else None),

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import pickle
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,6 +32,7 @@ import ray
 from recray.atomic import atomic_file
 from recray.config import DecodingConfig, GenerateConfig, RayConfig
 from recray.errors import ConfigError, RecrayError
+from recray.generate.constrain import titles_key
 from recray.generate.engine import RESULT_SCHEMA, GenerationActor
 from recray.generate.policy import Policy, check_model, check_policy
 from recray.runtime import init_ray, unwrap
@@ -100,9 +102,10 @@ def pid_when_alive(engine, timeout: float) -> int | None:
 class _Dispatch:
     """Ray Data actor (0 CPUs): sends each batch to its engine, another one on failure."""
 
-    def __init__(self, engines, counter, policy, adapter_id, decoding, max_attempts,
+    def __init__(self, engines, counter, policy, adapter_id, decoding, catalog, max_attempts,
                  restart_timeout):
         self.engines, self.policy, self.adapter_id = engines, policy, adapter_id
+        self.catalog = catalog
         self.decoding, self.max_attempts = decoding, max_attempts
         self.restart_timeout = restart_timeout
         self.first = ray.get(counter.next.remote())
@@ -115,7 +118,7 @@ class _Dispatch:
                 pid_when_alive(engine, self.restart_timeout)
             try:
                 out = ray.get(engine.generate.remote(batch, self.policy, self.adapter_id,
-                                                     self.decoding))
+                                                     self.decoding, self.catalog))
             except ray.exceptions.RayTaskError as e:    # the engine raised: not retried
                 known = unwrap(e)
                 if known is None:
@@ -188,16 +191,23 @@ class GenerationPool:
         """Each engine actor's process id, waiting for one Ray is restarting."""
         return [pid_when_alive(e, self.cfg.start_timeout_s) for e in self._engines]
 
-    def generate(self, prompts, policy: Policy, decoding: DecodingConfig | None = None) -> pa.Table:
-        """One row per prompt, sorted by sample_id (see engine.RESULT_SCHEMA)."""
+    def generate(self, prompts, policy: Policy, decoding: DecodingConfig | None = None,
+                 catalog_titles: Sequence[str] | None = None) -> pa.Table:
+        """One row per prompt, sorted by sample_id (see engine.RESULT_SCHEMA).
+        `catalog_titles`: every answer is one of these titles exactly (recray.generate.constrain)."""
         decoding = decoding or self.cfg.decoding
         policy = self._checked(policy, decoding)
+        if catalog_titles is not None and self.backend == "vllm" and decoding.mode == "sample":
+            raise ConfigError("generate.constrain_to_catalog with sampled decoding runs on the hf "
+                              "backend only (vllm constrains greedy and beam decoding): set "
+                              "generate.backend=hf or decoding.mode greedy/beam")
+        catalog = None if catalog_titles is None else (titles_key(catalog_titles), list(catalog_titles))
         table = _as_table(prompts)
         adapter_id = None
         if policy.adapter is not None:     # a fresh id per call: vLLM never serves stale weights
             adapter_id, self._next_adapter_id = self._next_adapter_id, self._next_adapter_id + 1
         started = time.time()
-        out = self._run(table, policy, adapter_id, decoding)
+        out = self._run(table, policy, adapter_id, decoding, catalog)
         attempts = out.column("attempts").to_numpy()
         out = out.drop_columns(["attempts", "error"]).cast(RESULT_SCHEMA)
         out = out.take(pc.sort_indices(out, [("sample_id", "ascending")]))
@@ -225,7 +235,7 @@ class GenerationPool:
         return Policy(str(Path(policy.model).resolve()),
                       None if policy.adapter is None else str(Path(policy.adapter).resolve()))
 
-    def _run(self, table: pa.Table, policy, adapter_id, decoding) -> pa.Table:
+    def _run(self, table: pa.Table, policy, adapter_id, decoding, catalog) -> pa.Table:
         if table.num_rows == 0:
             return _BLOCK.empty_table()
         size = self.cfg.batch_size
@@ -235,7 +245,7 @@ class GenerationPool:
         ds = ray.data.from_blocks(blocks).map_batches(
             _Dispatch, batch_size=None, batch_format="pyarrow", num_cpus=0,
             fn_constructor_args=(self._engines, self._counter, policy, adapter_id, decoding,
-                                 self.cfg.max_attempts, self.cfg.start_timeout_s),
+                                 catalog, self.cfg.max_attempts, self.cfg.start_timeout_s),
             compute=ray.data.ActorPoolStrategy(size=min(len(self._engines), len(blocks)),
                                                max_tasks_in_flight_per_actor=1))
         parts = []

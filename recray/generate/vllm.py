@@ -26,6 +26,7 @@ import os
 from recray.config import DecodingConfig, GenerateConfig
 from recray.errors import ConfigError
 from recray.generate.beam import beam_search
+from recray.generate.constrain import TitleTrie
 from recray.generate.policy import Policy
 from recray.generate.text import STOP, Answers, Candidate
 
@@ -106,9 +107,11 @@ class VLLMBackend:
             self.lora = LoRARequest(f"policy-{adapter_id}", adapter_id, policy.adapter)
 
     def generate(self, prompt_ids: list[list[int]], d: DecodingConfig, seeds: list[int],
-                 policy: Policy) -> list[list[Candidate]]:
+                 policy: Policy, trie: TitleTrie | None = None) -> list[list[Candidate]]:
         if d.mode == "beam":
-            return self._beam(prompt_ids, d)
+            return self._beam(prompt_ids, d.num_beams, d.num_return, d.max_new_tokens, trie)
+        if trie is not None:        # greedy is the width-1 search (the pool refuses sampling)
+            return self._beam(prompt_ids, 1, 1, d.max_new_tokens, trie)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         sample = d.mode == "sample"
@@ -122,17 +125,50 @@ class VLLMBackend:
         return [[Candidate(self.answers.text(c.token_ids), float(c.cumulative_logprob),
                            len(c.token_ids)) for c in out.outputs] for out in outs]
 
-    def _step(self, seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+    def _step(self, seqs: list[list[int]], k: int,
+              allowed: list[list[int]] | None = None) -> list[dict[int, float]]:
+        """Each sequence's k likeliest next tokens (among `allowed`, if given) with their raw
+        log-probs."""
         from vllm import SamplingParams
+        if allowed is None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
+            return [top for top, _ in self._one_token(seqs, params)]
+        return self._allowed_step(seqs, k, allowed)
+
+    def _one_token(self, seqs: list[list[int]], params) -> list[tuple[dict[int, float], int]]:
+        """(top log-probs, greedy token) of one decoding step per sequence."""
         from vllm.inputs import TokensPrompt
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params,
                                  lora_request=self.lora, use_tqdm=False)
-        return [{t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()} for out in outs]
+        return [({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()},
+                 o.outputs[0].token_ids[0]) for o in outs]
 
-    def _beam(self, prompt_ids: list[list[int]], d: DecodingConfig) -> list[list[Candidate]]:
-        found = beam_search(prompt_ids, self._step, d.num_beams, d.num_return, d.max_new_tokens,
-                            self.answers.finished)
+    def _allowed_step(self, seqs: list[list[int]], k: int,
+                      allowed: list[list[int]]) -> list[dict[int, float]]:
+        """vLLM reports log-probs before `allowed_token_ids` masks the logits, so: the raw
+        top max_logprobs filtered to the allowed tokens are the likeliest allowed ones, exact;
+        where fewer than k are among them, each further round's greedy pick under
+        `allowed_token_ids` (minus those found) is the next likeliest, until k are found
+        or none is left. Greedy (k = 1 picks) needs one round."""
+        from vllm import SamplingParams
+        found: list[dict[int, float]] = [{} for _ in seqs]
+        left = [set(a) for a in allowed]
+        pending, first = list(range(len(seqs))), True
+        while pending:
+            params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                     logprobs=max_logprobs(self.cfg) if first else 0,
+                                     allowed_token_ids=sorted(left[i])) for i in pending]
+            for i, (top, picked) in zip(pending, self._one_token([seqs[i] for i in pending], params)):
+                for token in [t for t in top if t in left[i]] + [picked]:
+                    found[i][token] = top[token]
+                    left[i].discard(token)
+            pending, first = [i for i in pending if len(found[i]) < k and left[i]], False
+        return found
+
+    def _beam(self, prompt_ids: list[list[int]], width: int, num_return: int, max_new_tokens: int,
+              trie: TitleTrie | None) -> list[list[Candidate]]:
+        found = beam_search(prompt_ids, self._step, width, num_return, max_new_tokens,
+                            self.answers.finished, trie.allowed if trie else None)
         return [[Candidate(self.answers.text(b.tokens), b.score, len(b.tokens)) for b in beams]
                 for beams in found]
 
