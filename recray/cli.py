@@ -114,7 +114,8 @@ def cmd_train(args) -> None:
             raise ConfigError("recray train dpo needs --negatives (a negatives Parquet)")
         result = dpo(model, args.negatives, args.output, cfg, adapter=args.adapter)
     print(json.dumps(result.metrics, indent=1))
-    print(f"model: {result.model_dir}" + (f"\nadapter: {result.adapter_dir}" if result.adapter_dir else ""))
+    print("\n".join(f"{name}: {path}" for name, path in
+                    (("model", result.model_dir), ("adapter", result.adapter_dir)) if path))
 
 
 def cmd_report(args) -> None:
@@ -129,7 +130,8 @@ def cmd_report(args) -> None:
     elif args.output is None:
         raise RecrayError("recray report RUN_DIR ... needs --output (only a sweep has a default)")
     else:
-        path = report([Path(d) for d in args.runs], Path(args.output), splits=args.split)
+        path = report([Path(d) for d in args.runs], Path(args.output), splits=args.split,
+                      baseline=args.baseline)
     print(path.read_text())
     print(f"report: {path}")
 
@@ -197,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("evaluate", help="generate, ground and score a model on a prepared split")
     p.add_argument("--data", required=True, help="a `recray prepare` output directory")
-    p.add_argument("--split", choices=["valid", "test"], action="append",
-                   help="a split to compare (repeatable); default: every split evaluated, test first")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder on top of --model")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="report directory (required for runs; a sweep: SWEEP_DIR/report)")
     p.add_argument("--split", choices=["valid", "test"], action="append",
                    help="a split to compare (repeatable); default: every split evaluated, test first")
+    p.add_argument("--baseline", default="bigrec",
+                   help="method (or evaluation directory name) the differences are measured to")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -129,6 +129,9 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0)     # worker-group restarts from the last checkpoint
     storage_path: str | None = None        # Ray Train checkpoints; None: <output>/checkpoints
     keep_checkpoint_files: bool = False    # keep <storage>/ after a successful fit
+    # LoRA: also write model/ (the adapter merged into its base, for export); the loop and
+    # generation read only adapter/, so by default no step pays for a merged copy.
+    merge_adapter: bool = False
     seed: int = 0
     trust_remote_code: bool = False
 

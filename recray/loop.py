@@ -105,7 +105,7 @@ def check_config(cfg: Config) -> None:
 def run_loop(cfg: Config, run: RunDir, prepared: Path,
              on_iteration: OnIteration | None = None) -> None:
     from recray import train
-    from recray.generate import GenerationPool, Policy
+    from recray.generate import GenerationPool
     from recray.generate.negatives import make_negatives
 
     method = METHODS[cfg.loop.method]
@@ -130,7 +130,7 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
         elif not run.done("it0/policy"):
             with run.stage("it0/policy") as out:
                 train.sft(base, prepared, out, train_cfg, phase="initial")
-        policy = Policy(base, str(run.path("it0/policy") / "adapter"))
+        policy = _trained_policy(base, run.path("it0/policy"), cfg)
         metrics = _evaluate(run, 0, cfg, "rw" if method.reweight else "bigrec",
                             _llm_evaluator(policy, pool, cfg, prepared))
         if on_iteration:
@@ -157,20 +157,31 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             if method.sft:
                 if not run.done(f"{it}/sft"):
                     with run.stage(f"{it}/sft") as out:
-                        train.sft(base, samples, out, cfg, phase="loop", adapter=policy.adapter)
-                reference = Policy(base, str(run.path(f"{it}/sft") / "adapter"))
+                        train.sft(policy.model, samples, out, cfg, phase="loop",
+                                  adapter=policy.adapter)
+                reference = _trained_policy(base, run.path(f"{it}/sft"), cfg)
 
             policy = reference
             if method.dpo:
                 if not run.done(f"{it}/policy"):
                     with run.stage(f"{it}/policy") as out:
-                        train.dpo(base, run.path(f"{it}/negatives") / "negatives.parquet", out,
-                                  cfg, adapter=reference.adapter)
-                policy = Policy(base, str(run.path(f"{it}/policy") / "adapter"))
+                        train.dpo(reference.model, run.path(f"{it}/negatives") / "negatives.parquet",
+                                  out, cfg, adapter=reference.adapter)
+                policy = _trained_policy(base, run.path(f"{it}/policy"), cfg)
             metrics = _evaluate(run, t, cfg, cfg.loop.method,
                                 _llm_evaluator(policy, pool, cfg, prepared))
             if on_iteration:
                 on_iteration(t, metrics)
+
+
+def _trained_policy(base: str, stage: Path, cfg: Config):
+    """A training stage's policy: its LoRA adapter on the base model, or (full fine-tuning)
+    its own model folder. Each step starts from, and DPO references, exactly the policy
+    passed to it: the adapter keeps training, or the full model is the step's `model`."""
+    from recray.generate import Policy
+    if cfg.train.lora.enabled:
+        return Policy(base, str(stage / "adapter"))
+    return Policy(str(stage / "model"), None)
 
 
 # What makes two runs' π_0 the same model evaluated the same way.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The reproduction of docs/results.md, 2 h 25 min on a 2-core CPU machine:
+#   0. the reference rows that need no LLM: MostPop, Random, SASRec (a minute);
 #   1. π_0 (= BIGRec) for seeds 0 and 1;
 #   2. the SPRec settings chosen on the valid split: a sweep of one self-play iteration
 #      from seed 0's π_0 (tune/sweep-repro.yaml); its best trial is SPRec seed 0;
@@ -31,6 +32,9 @@ run() {   # NAME CONFIG OVERRIDES...: run, or continue a run an interruption lef
   fi
 }
 
+for method in mostpop random sasrec; do
+  run "$method" "$CONFIG" loop.method=$method "$@"
+done
 for seed in 0 1; do
   run "bigrec-s$seed" "$CONFIG" loop.method=bigrec train.seed=$seed "$@"   # π_0: no loop seed
 done
@@ -50,5 +54,5 @@ run sprec-s1 "$best" loop.init_from="$RUNS/bigrec-s1" train.seed=1 loop.seed=1 "
 for method in sprec-nosft sprec-nodpo sprec-rn; do
   run "$method-s0" "$best" loop.method="$method" "$@"
 done
-recray report "$RUNS/bigrec-s0" "$RUNS/bigrec-s1" "$sprec_s0" "$RUNS/sprec-s1" \
+recray report "$RUNS/mostpop" "$RUNS/random" "$RUNS/sasrec" "$RUNS/bigrec-s0" "$RUNS/bigrec-s1" "$sprec_s0" "$RUNS/sprec-s1" \
   "$RUNS/sprec-nosft-s0" "$RUNS/sprec-nodpo-s0" "$RUNS/sprec-rn-s0" --output "$RUNS/report"

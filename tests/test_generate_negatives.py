@@ -79,9 +79,11 @@ class ScriptedPool:
 
     def __init__(self, answers: dict[str, list[tuple[str, float]]]):
         self.answers, self.calls, self.last_run = answers, [], {"prompts": len(answers)}
+        self.catalogs = []
 
-    def generate(self, prompts, policy, decoding=None):
+    def generate(self, prompts, policy, decoding=None, catalog_titles=None):
         self.calls.append(decoding)
+        self.catalogs.append(catalog_titles)
         ids = sorted(prompts["sample_id"].to_pylist())
         return pa.table({"sample_id": ids,
                          "candidates": [[a for a, _ in self.answers[i]] for i in ids],
@@ -126,6 +128,15 @@ def test_make_negatives_self_play_files_and_format(tmp_path):
     assert rows[0]["rejected"] == [q(titles[1]), q(titles[2])]
     assert rows[0]["rejected_scores"] == [-1.0, -2.0] and rows[0]["source"] == "self"
     assert rows[3]["source"] == "random" and rows[3]["rejected_scores"] == [None, None]
+    assert pool.catalogs == [None]                               # unconstrained by default
+
+
+def test_constrained_negatives_ask_the_pool_for_catalog_titles(tmp_path):
+    pool = ScriptedPool(scripted(4))
+    cfg = GenerateConfig(n_negatives=1, constrain_to_catalog=True)
+    result = make_negatives(pool, samples_table(4), Policy("m"), CATALOG, cfg, tmp_path / "c", seed=0)
+    assert pool.catalogs == [sorted(CATALOG["title"].to_pylist())]
+    assert result.stats["constrain_to_catalog"] is True
 
 
 def test_contamination_ratio_is_exact_and_seeded(tmp_path):

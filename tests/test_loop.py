@@ -154,3 +154,26 @@ def test_init_from_copies_pi0_once_and_refuses_another_config(tmp_path):
                             **dict.fromkeys(TABLE_COLUMNS, 0.25)}) + "\n")
     table = report([source.root, run.root], tmp_path / "report").read_text()
     assert "| BIGRec | " in table and "BIGRec (n=2)" not in table
+
+
+def test_full_fine_tuning_runs_the_loop_with_the_sft_model_as_reference(tiny_run_overrides, tmp_path):
+    """train.lora.enabled=false: every stage writes model/, each step starts from the last
+    stage's model, DPO's reference is exactly π′ (rewards are 0 at its first step)."""
+    run = tmp_path / "runs" / "full"
+    done = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--runs", str(tmp_path / "runs"),
+                           "--name", "full", *tiny_run_overrides, "train.lora.enabled=false",
+                           "train.logging_steps=1", "tracking.mlflow=false",
+                           "evaluate.splits=[test]"],
+                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("it0/policy", "it1/sft", "it1/policy"):
+        assert (run / stage / "model" / "model.safetensors").exists()
+        assert not (run / stage / "adapter").exists()
+    sft = json.loads((run / "it1" / "sft" / "summary.json").read_text())
+    dpo = json.loads((run / "it1" / "policy" / "summary.json").read_text())
+    assert sft["model"] == str((run / "it0" / "policy" / "model").resolve()) and sft["adapter"] is None
+    assert dpo["model"] == str((run / "it1" / "sft" / "model").resolve())
+    assert dpo["first_step_rewards"] == {"chosen": 0.0, "rejected": 0.0}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["iteration"]) for r in rows] == [("bigrec", 0), ("sprec", 1)]

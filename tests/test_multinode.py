@@ -146,7 +146,7 @@ def _driver(address: str, model: str, prepared: str, output: str, result: str) -
     cfg = load_config(None, [
         f"ray.address={address}", "train.scaling.num_workers=2", "train.scaling.cpus_per_worker=1",
         "train.per_device_batch_size=2", "train.sft.epochs=1", "train.logging_steps=2",
-        "train.save_steps=1000", "train.sft.learning_rate=1e-3"])
+        "train.save_steps=1000", "train.sft.learning_rate=1e-3", "train.merge_adapter=true"])
     init_ray(cfg.ray)                               # what sft() does; joins, starts nothing
     deadline = time.time() + 300
     while True:

@@ -97,3 +97,6 @@ def test_differences_to_bigrec_carry_paired_intervals_and_mostpop_verdicts(tmp_p
     sprec = next(line for line in text.splitlines() if line.startswith("| SPRec (s)"))
     assert "+0.0000 [+0.0000, +0.0000]" in sprec
     assert "SPRec does not beat MostPop" in text and "BIGRec does not beat MostPop" in text
+    to_mostpop = report([tmp_path / "b", tmp_path / "m"], tmp_path / "out2", baseline="mostpop").read_text()
+    bigrec = next(line for line in to_mostpop.splitlines() if line.startswith("| BIGRec (b)"))
+    assert "Differences to MostPop" in to_mostpop and bigrec.split(" | ")[1].startswith("-0.2000")

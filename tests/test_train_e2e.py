@@ -52,7 +52,9 @@ def test_sft_then_dpo_on_smollm2(ml100k_prepared, tmp_path):
                   "chosen": train["completion"], "rejected": rejected,
                   "rejected_scores": [[0.0]] * N, "source": "random"}).to_parquet(tmp_path / "neg.parquet")
 
-    d = dpo(s.model_dir, tmp_path / "neg.parquet", tmp_path / "dpo", cfg)
+    # The loop's path: DPO keeps training π′'s adapter on the base; the reference is π′.
+    assert s.model_dir is None and not (tmp_path / "sft" / "model").exists()   # no merged copy
+    d = dpo(model_dir(), tmp_path / "neg.parquet", tmp_path / "dpo", cfg, adapter=s.adapter_dir)
     m = d.metrics
     assert m["steps"] == STEPS
     assert m["first_step_rewards"] == {"chosen": 0.0, "rejected": 0.0}   # reference = the SFT model
@@ -62,9 +64,10 @@ def test_sft_then_dpo_on_smollm2(ml100k_prepared, tmp_path):
           f"(last step {m['reward_accuracy_last']:.3f}, margin {m['reward_margin_last']:.4f}), "
           f"{m['tokens_per_second']:.0f} tokens/s, {m['seconds']:.0f} s")
 
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(d.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(d.model_dir)
+    tok = AutoTokenizer.from_pretrained(d.adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir()), d.adapter_dir)
     ids = tok(train["prompt"].iloc[0], return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]

@@ -4,6 +4,8 @@ Both ways recray starts DPO are checked on the exact trainer a Ray worker builds
 (worker.make_trainer), after a real SFT step on a tiny model:
   merged:  DPO on the SFT-merged model with a fresh adapter (reference = adapter off)
   adapter: DPO on base + the SFT adapter, trained further (reference = TRL's frozen copy)
+  full:    full fine-tuning of the SFT model (the loop's path without LoRA: the SFT stage's
+           model/ is DPO's model; reference = that model reloaded, frozen)
 At DPO step 0 policy and reference log-probs are equal, so the implicit rewards are exactly 0,
 while the base model's log-probs differ (a base reference would give non-zero rewards).
 """
@@ -61,11 +63,12 @@ def _base_logps(base, batch) -> torch.Tensor:
     return out.log_probs.sum(dim=1)
 
 
-@pytest.mark.parametrize("start", ["merged", "adapter"])
+@pytest.mark.parametrize("start", ["merged", "adapter", "full"])
 def test_dpo_reference_is_the_sft_model(after_sft, start):
     base, adapter, merged, rows, root = after_sft
-    job = (make_job("dpo", merged, root / start) if start == "merged"
-           else make_job("dpo", base, root / start, adapter=adapter))
+    job = {"merged": lambda: make_job("dpo", merged, root / start),
+           "adapter": lambda: make_job("dpo", base, root / start, adapter=adapter),
+           "full": lambda: make_job("dpo", merged, root / start, lora={"enabled": False})}[start]()
     trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(root / f"dpo_{start}"))
     trainer.model.eval()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])

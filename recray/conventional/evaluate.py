@@ -22,6 +22,7 @@ def evaluate_recommender(data_dir: Path, split: str, recommender: Recommender, o
     samples, catalog, groups = read_prepared(data_dir, split, limit)
     start = time.time()
     predictions, metrics = score_items(samples, recommender.scores(samples), catalog, groups)
+    metrics["split"] = split
     metrics["seconds_score"] = round(time.time() - start, 1)
     write_evaluation(output, predictions, metrics)
     return metrics

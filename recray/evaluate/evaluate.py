@@ -165,8 +165,8 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
     pool = pool or GenerationPool(cfg.generate, policy.model)
     try:
         constrain = cfg.generate.constrain_to_catalog
-        answers = pool.generate(samples, policy, cfg.evaluate.decoding,
-                                catalog.column("title").to_pylist() if constrain else None)
+        answers = pool.generate(samples, policy, cfg.evaluate.decoding, catalog_titles=(
+            catalog.column("title").to_pylist() if constrain else None))
     finally:
         if own_pool:
             pool.close()
@@ -175,6 +175,7 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
     embedder = make_embedder(cfg.evaluate.embedder, policy)
     predictions, metrics = score(samples, answers, catalog, groups, embedder,
                                  home() / "cache" / "embeddings")
+    metrics["split"] = split
     metrics["seconds_generate"] = round(generated - start, 1)
     metrics["seconds_score"] = round(time.time() - generated, 1)
     write_evaluation(output, predictions, metrics)

@@ -43,7 +43,7 @@ def load_rows(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
     if (run_dir / "metrics.json").exists():
         row = json.loads((run_dir / "metrics.json").read_text())
-        return [{"method": run_dir.name, "iteration": 0, "split": "test", **row}]
+        return [{"method": run_dir.name, "iteration": 0, "split": "test", **row}]   # split: if recorded
     raise RecrayError(f"{run_dir} has neither metrics.jsonl (a run) nor metrics.json (an evaluation)")
 
 
@@ -85,6 +85,8 @@ def comparison_table(per_method: dict[str, list[dict]], columns=TABLE_COLUMNS) -
 
 
 def predictions_of(run_dir: Path, row: dict) -> Path:
+    if (Path(run_dir) / "predictions.parquet").exists():       # a bare evaluation directory
+        return Path(run_dir) / "predictions.parquet"
     return Path(run_dir) / f"it{row['iteration']}" / "eval" / row["split"] / "result" / "predictions.parquet"
 
 
@@ -94,9 +96,9 @@ def _ranks_by_sample(path: Path) -> dict[str, int]:
     return dict(zip(table.column("sample_id").to_pylist(), table.column("target_rank").to_pylist()))
 
 
-def differences_table(finals: list[tuple[Path, dict]], baseline: str = "bigrec",
+def differences_table(finals: list[tuple[Path, dict]], baseline: str,
                       metrics=DIFFERENCES) -> str | None:
-    """Each run's last evaluation minus the baseline's on the same samples, with the paired
+    """Each run's last evaluation minus the baseline method's on the same samples, with the paired
     bootstrap 95% interval; None when no baseline run has predictions. A row whose samples
     differ from the baseline's (another split subset) says so instead of being paired."""
     base = next(((d, r) for d, r in finals if r["method"] == baseline
@@ -213,10 +215,11 @@ def _final_per_method(run_dirs: list[Path], runs: list[list[dict]], split: str) 
     return {m: rs for m, rs in per_method.items() if rs}
 
 
-def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[str]:
+def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str,
+                        baseline: str) -> list[str]:
     per_method = _final_per_method(run_dirs, runs, split)
     finals = [(Path(d), r) for d, rows in zip(run_dirs, runs) for r in final_rows(rows, split)]
-    differences = differences_table(finals)
+    differences = differences_table(finals, baseline)
     verdicts = mostpop_verdicts(per_method)
     return [
         f"## Comparison ({split} split, last iteration of each run)", "",
@@ -224,15 +227,17 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
         "↑ higher is better for DivRatio, HR, NDCG; ↓ lower is better for ORRatio, MGU. "
         "Bold: the unique best per column. ± is the sample standard deviation over n runs.", "",
         *([f"- {line}" for line in verdicts] + [""] if verdicts else []),
-        *([f"### Differences to BIGRec ({split}; same samples, paired bootstrap, 2,000 resamples)",
+        *([f"### Differences to {_label(baseline)} ({split}; same samples, paired bootstrap, "
+           "2,000 resamples)",
            "", differences, "", "An interval that holds 0 is no evidence of a difference.", ""]
           if differences else []),
     ]
 
 
-def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None) -> Path:
+def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None,
+           baseline: str = "bigrec") -> Path:
     """`splits`: the splits to compare, first one plotted; None: every split the runs
-    evaluated, test first."""
+    evaluated, test first. `baseline`: the method every run's difference is measured to."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     runs = [load_rows(run_dir) for run_dir in run_dirs]
@@ -244,7 +249,7 @@ def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None) 
                           f"{', '.join(map(str, run_dirs))}")
     lines = ["# recray report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", ""]
     for split in splits:
-        lines += _comparison_section(run_dirs, runs, split)
+        lines += _comparison_section(run_dirs, runs, split, baseline)
     plot_curves(runs, splits[0], output / "metrics_per_iteration.png")
     genres = plot_gu(_final_per_method(run_dirs, runs, splits[0]), output / "gu_by_genre.png")
     lines += [f"## Metrics per self-play iteration ({splits[0]})", "",

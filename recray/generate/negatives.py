@@ -197,7 +197,7 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
         if pool is None or policy is None:
             raise RecrayError("self-play negatives need a generation pool and a policy")
         generated = pool.generate(samples, policy, negatives_decoding(cfg.decoding, n, seed),
-                                  titles if cfg.constrain_to_catalog else None)
+                                  catalog_titles=titles if cfg.constrain_to_catalog else None)
         run = dict(pool.last_run)
         found = dict(zip(generated.column("sample_id").to_pylist(),
                          zip(generated.column("candidates").to_pylist(),

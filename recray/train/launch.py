@@ -1,12 +1,13 @@
 """The SFT and DPO steps, driver side: check everything, then one Ray Train fit.
 
-    sft(model, data, output, cfg)        -> output/{adapter/, model/, summary.json, train_log.jsonl}
+    sft(model, data, output, cfg)        -> output/{adapter/, summary.json, train_log.jsonl}
     dpo(model, negatives, output, cfg)   -> the same; the reference is `model` itself
 
 Every problem with the inputs (config, model/adapter folders, data, lengths) is raised
 before a worker starts. Training runs as a TorchTrainer of train.scaling.num_workers
-workers with FailureConfig(max_failures) and Ray Train checkpoints every save_steps; the
-adapter is merged into `model` afterwards in a separate Ray task.
+workers with FailureConfig(max_failures) and Ray Train checkpoints every save_steps. Full
+fine-tuning writes model/; LoRA writes adapter/, and model/ (the adapter merged into
+`model`, in a separate Ray task) only with train.merge_adapter.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     output: Path
-    model_dir: Path                 # merged model: loadable by transformers / vLLM
+    model_dir: Path | None          # full model (None: LoRA without train.merge_adapter)
     adapter_dir: Path | None        # the LoRA adapter on top of the input model (None: full FT)
     metrics: dict                   # summary: loss, tokens/s, reward accuracy (DPO), data counts
     log_history: list[dict] = field(default_factory=list)
@@ -129,9 +130,10 @@ def _trainer(job: Job, ds: ray.data.Dataset, cfg: Config, storage: Path):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
 
 
-def _collect(result, job: Job, output: Path, lora: bool,
-             trust: bool) -> tuple[Path, Path | None, list, list]:
-    """Final adapter/model out of the last Ray checkpoint; merge an adapter in a Ray task.
+def _collect(result, job: Job, output: Path, lora: bool, merge: bool,
+             trust: bool) -> tuple[Path | None, Path | None, list, list]:
+    """Final adapter/model out of the last Ray checkpoint; merge an adapter in a Ray task
+    when asked.
     Also returns the log history and where each rank of the final worker group ran."""
     if result.checkpoint is None or not result.metrics.get("final"):
         raise RecrayError(f"training of {output} ended without a final checkpoint")
@@ -146,6 +148,8 @@ def _collect(result, job: Job, output: Path, lora: bool,
     if not lora:
         return model_dir, None, history, workers
     copy_tokenizer(job.model, target)
+    if not merge:
+        return None, target, history, workers
     ray.get(merge_task.remote(job.model, str(target), str(model_dir), trust))
     return model_dir, target, history, workers
 
@@ -197,7 +201,7 @@ def _run(kind: str, model, data, output, cfg: Config, learning_rate: float, epoc
     output.mkdir(parents=True, exist_ok=True)
     result = _trainer(job, ds, cfg, storage).fit()
     model_dir, adapter_dir, history, workers = _collect(result, job, output, t.lora.enabled,
-                                                        t.trust_remote_code)
+                                                        t.merge_adapter, t.trust_remote_code)
     summary = _summary(history, data_stats, time.time() - start, job)
     summary["workers"] = workers
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
