@@ -100,3 +100,21 @@ def test_differences_to_bigrec_carry_paired_intervals_and_mostpop_verdicts(tmp_p
     to_mostpop = report([tmp_path / "b", tmp_path / "m"], tmp_path / "out2", baseline="mostpop").read_text()
     bigrec = next(line for line in to_mostpop.splitlines() if line.startswith("| BIGRec (b)"))
     assert "Differences to MostPop" in to_mostpop and bigrec.split(" | ")[1].startswith("-0.2000")
+
+
+def test_differences_reach_bigrec_inside_a_sprec_run(tmp_path):
+    """The main job's shape: BIGRec is iteration 0 of the SPRec run, not a run of its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    run = tmp_path / "sprec"
+    rows = []
+    for it, (method, ranks) in enumerate((("bigrec", [1000] * 100), ("sprec", [0] * 10 + [1000] * 90))):
+        result = run / f"it{it}" / "eval" / "test" / "result"
+        result.mkdir(parents=True)
+        pq.write_table(pa.table({"sample_id": [f"s{i}" for i in range(100)],
+                                 "target_rank": pa.array(ranks, pa.int64())}), result / "predictions.parquet")
+        rows.append({"method": method, "iteration": it, "split": "test", **{c: 0.1 for c in TABLE_COLUMNS}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report([run], tmp_path / "out").read_text()
+    assert "| BIGRec | " in text and "| SPRec | " in text
+    assert next(line for line in text.splitlines() if line.startswith("| SPRec (sprec)")).split(" | ")[1].startswith("+0.1000")

@@ -204,21 +204,29 @@ def plot_gu(per_method: dict[str, list[dict]], path: Path, k: int = 1) -> list[s
     return groups
 
 
-def _final_per_method(run_dirs: list[Path], runs: list[list[dict]], split: str) -> dict[str, list[dict]]:
-    """Each method's last-iteration rows on `split`, one per run that holds the method."""
-    by_method: dict[str, list[list[dict]]] = defaultdict(list)
+def _finals(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[tuple[Path, dict]]:
+    """(run directory, row) of each method's last iteration on `split` in each run (a SPRec
+    run holds BIGRec at iteration 0 and SPRec at its last)."""
+    out = []
     for run_dir, rows in zip(run_dirs, runs):
         for method in dict.fromkeys(r.get("method", Path(run_dir).name) for r in rows):
-            by_method[method].append([r for r in rows if r.get("method", Path(run_dir).name) == method])
-    per_method = {m: [row for rows in rs for row in final_rows(rows, split)]
-                  for m, rs in by_method.items()}
-    return {m: rs for m, rs in per_method.items() if rs}
+            mine = [r for r in rows if r.get("method", Path(run_dir).name) == method]
+            out += [(Path(run_dir), r) for r in final_rows(mine, split)]
+    return out
+
+
+def _final_per_method(run_dirs: list[Path], runs: list[list[dict]], split: str) -> dict[str, list[dict]]:
+    """Each method's last-iteration rows on `split`, one per run that holds the method."""
+    per_method: dict[str, list[dict]] = defaultdict(list)
+    for run_dir, row in _finals(run_dirs, runs, split):
+        per_method[row.get("method", run_dir.name)].append(row)
+    return dict(per_method)
 
 
 def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str,
                         baseline: str) -> list[str]:
     per_method = _final_per_method(run_dirs, runs, split)
-    finals = [(Path(d), r) for d, rows in zip(run_dirs, runs) for r in final_rows(rows, split)]
+    finals = _finals(run_dirs, runs, split)
     differences = differences_table(finals, baseline)
     verdicts = mostpop_verdicts(per_method)
     return [
