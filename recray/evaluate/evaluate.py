@@ -46,6 +46,19 @@ def read_prepared(data_dir: Path, split: str, limit: int | None = None
     return samples, pq.read_table(data_dir / "catalog.parquet"), groups
 
 
+def predictions_table(samples: pa.Table, item_ids: list, top: np.ndarray, ranks: np.ndarray,
+                      answers: dict[str, pa.Array] | None = None) -> pa.Table:
+    """The predictions contract: the sample's keys, what an LLM answered (if one did), the
+    top-k catalog indices `top` as item ids, and the target's rank in the whole catalog."""
+    ids = np.asarray(item_ids, dtype=object)
+    return pa.table({
+        **{c: samples.column(c) for c in ("sample_id", "user_id", "target_item_id", "history_item_ids")},
+        **(answers or {}),
+        "topk_item_ids": pa.array([ids[row].tolist() for row in top], pa.list_(pa.string())),
+        "target_rank": pa.array(ranks, pa.int64()),
+    })
+
+
 def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[str],
           embedder: Embedder, cache_dir: Path, ks=KS) -> tuple[pa.Table, dict]:
     """Parse each sample's first answer, rank the whole catalog for it, compute metrics.
@@ -75,18 +88,10 @@ def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[
     statuses = [status for _, status in parsed]
     ranks[np.array([s == "unparsable" for s in statuses])] = len(item_ids)
 
-    ids = np.asarray(item_ids, dtype=object)
-    predictions = pa.table({
-        "sample_id": samples.column("sample_id"),
-        "user_id": samples.column("user_id"),
-        "target_item_id": samples.column("target_item_id"),
-        "history_item_ids": samples.column("history_item_ids"),
+    predictions = predictions_table(samples, item_ids, top, ranks, {
         "generated_text": pa.array(texts, pa.string()),
         "parsed_title": pa.array([title for title, _ in parsed], pa.string()),
-        "parse_status": pa.array(statuses, pa.string()),
-        "topk_item_ids": pa.array([ids[row].tolist() for row in top], pa.list_(pa.string())),
-        "target_rank": pa.array(ranks, pa.int64()),
-    })
+        "parse_status": pa.array(statuses, pa.string())})
     metrics = metrics_from_tables(predictions, catalog, groups, ks=ks)
     counts = Counter(statuses)
     metrics.update({f"parse_{s}": counts.get(s, 0) for s in PARSE_STATUSES})
@@ -109,16 +114,7 @@ def score_items(samples: pa.Table, item_scores: np.ndarray, catalog: pa.Table,
     targets = np.array([index[t] for t in samples.column("target_item_id").to_pylist()])
     order = np.argsort(-item_scores, axis=1, kind="stable")
     ranks = np.argsort(order, axis=1)[np.arange(len(targets)), targets]
-    ids = np.asarray(item_ids, dtype=object)
-    predictions = pa.table({
-        "sample_id": samples.column("sample_id"),
-        "user_id": samples.column("user_id"),
-        "target_item_id": samples.column("target_item_id"),
-        "history_item_ids": samples.column("history_item_ids"),
-        "topk_item_ids": pa.array([ids[row].tolist() for row in order[:, :min(TOPK, len(ids))]],
-                                  pa.list_(pa.string())),
-        "target_rank": pa.array(ranks, pa.int64()),
-    })
+    predictions = predictions_table(samples, item_ids, order[:, :min(TOPK, len(item_ids))], ranks)
     metrics = metrics_from_tables(predictions, catalog, groups, ks=ks)
     metrics.update(recommendation_profile(predictions, catalog))
     return predictions, metrics
