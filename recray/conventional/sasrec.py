@@ -3,8 +3,9 @@ seed-methods §5.1): item-ID embeddings with learned positions, causal self-atte
 blocks, and the next item scored as the dot product of the last position's output with
 the (shared) item embeddings.
 
-Written here rather than taken from a library: rectools and replay-rec, the maintained
-ones, pin numpy/pandas/pyarrow below the versions the rest of the stack needs.
+Written here rather than taken from a library: the maintained ones pin below the stack
+(METADATA read 2026-12-01: rectools 0.19.0 numpy<2 and pandas<3 on Python 3.11; replay-rec
+0.22.0 pandas<3 and pyarrow<24; the stack runs pandas 3.1 and pyarrow 26).
 
     model = fit(prepared, cfg.sasrec, out)        # a Ray task; early-stopped on valid
     model = load(out); model.scores(samples)      # (samples x catalog items), catalog order
