@@ -156,3 +156,19 @@ def test_reference_rows_run_through_the_loop(method, ml100k_prepared, tmp_path):
         assert metrics["HR@5"] == pytest.approx(np.mean([t in top5 for t in targets]))
     if method == "sasrec":
         assert (run.root / "it0" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("answer, parsed", [
+    ('"Heat (1995)"\n', ("Heat (1995)", "quoted")),
+    ('I suggest "Heat (1995)" tonight', ("Heat (1995)", "quoted")),
+    ('""\n', (None, "unparsable")),                  # an empty quoted answer
+    ('"  "\n', (None, "unparsable")),
+    ('"The Usual Susp', ("The Usual Susp", "cut")),   # ran out of tokens mid-title
+    ('"Heat (1995)\nmore', ("Heat (1995)", "cut")),   # the quote is not closed on its line
+    ('"', (None, "unparsable")),
+    ("Heat (1995)\nmore text", ("Heat (1995)", "line")),
+    ("   \n  ", (None, "unparsable")),
+])
+def test_parse_title_edge_cases(answer, parsed):
+    from recray.data.prompts import parse_title
+    assert parse_title(answer) == parsed

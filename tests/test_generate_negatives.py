@@ -38,8 +38,8 @@ def test_selection_drops_positive_unparsable_duplicates_and_keeps_n_best():
     # (duplicate of b), "a"; "C" is beyond N.
     assert [(x.title, x.score, x.source) for x in picked] == [("b", -1.0, "self"),
                                                               ("a", -3.0, "self")]
-    assert counts == {"unquoted": 2, "unparsable": 1, "dropped_positive": 1, "duplicates": 1,
-                      "beyond_n": 1}
+    assert counts == {"unquoted": 1, "cut": 1, "unparsable": 1, "dropped_positive": 1,
+                      "duplicates": 1, "beyond_n": 1}
 
 
 def test_selection_short_of_n_and_grounding():

@@ -50,17 +50,25 @@ def build_completion(title: str) -> str:
     return f'"{title}"\n'
 
 
-ParseStatus = Literal["quoted", "line", "unparsable"]
-
-_QUOTED = re.compile(r'"([^"\n]+)"')
+ParseStatus = Literal["quoted", "cut", "line", "unparsable"]
 
 
 def parse_title(answer: str) -> tuple[str | None, ParseStatus]:
-    """The first double-quoted span; else the first non-empty line; else unparsable."""
-    match = _QUOTED.search(answer)
-    if match and match.group(1).strip():
-        return match.group(1).strip(), "quoted"
-    for line in answer.splitlines():
-        if line.strip():
-            return line.strip(), "line"
-    return None, "unparsable"
+    """The title of an answer, as the reference code reads it where it is right.
+
+    The first double quote opens the title: closed on its line, the span between is the
+    title ("quoted"; an empty one, `""`, is unparsable); unclosed, the rest of its line is
+    ("cut": the answer ran out of tokens mid-title, which evaluation grounds but negative
+    selection never takes). With no quote, the first non-empty line ("line"); else
+    unparsable.
+    """
+    start = answer.find('"')
+    if start < 0:
+        line = next((x.strip() for x in answer.splitlines() if x.strip()), None)
+        return (line, "line") if line else (None, "unparsable")
+    rest = answer[start + 1:].split("\n", 1)[0]
+    end = rest.find('"')
+    title = (rest if end < 0 else rest[:end]).strip()
+    if not title:
+        return None, "unparsable"
+    return title, "cut" if end < 0 else "quoted"

@@ -27,7 +27,7 @@ from recray.evaluate.metrics import KS, metrics_from_tables, recommendation_prof
 log = logging.getLogger(__name__)
 
 TOPK = 20
-PARSE_STATUSES = ("quoted", "line", "unparsable")
+PARSE_STATUSES = ("quoted", "cut", "line", "unparsable")
 
 
 def read_prepared(data_dir: Path, split: str, limit: int | None = None

@@ -71,8 +71,8 @@ def select_negatives(candidates: list[str], scores: list[float], positive: str, 
     seen = set()
     for i in sorted(range(len(candidates)), key=lambda i: -scores[i]):
         title, status = parse_title(candidates[i])
-        if status != "quoted":          # a line without quotes is not a title line
-            counts["unparsable" if status == "unparsable" else "unquoted"] += 1
+        if status != "quoted":          # neither a line without quotes nor a cut-off title
+            counts[{"unparsable": "unparsable", "cut": "cut"}.get(status, "unquoted")] += 1
             continue
         if ground is not None:
             counts["grounded_changed"] += ground[title] != title
@@ -240,8 +240,8 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
     return NegativesResult(table, stats, path)
 
 
-COUNTS = ("candidates", "unparsable", "unquoted", "dropped_positive", "duplicates", "beyond_n",
-          "grounded_changed", "short_of_n", "contaminated", "filled_random",
+COUNTS = ("candidates", "unparsable", "unquoted", "cut", "dropped_positive", "duplicates",
+          "beyond_n", "grounded_changed", "short_of_n", "contaminated", "filled_random",
           "rows_dropped_no_negative")
 
 
