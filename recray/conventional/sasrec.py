@@ -7,8 +7,8 @@ Written here rather than taken from a library: the maintained ones pin below the
 (METADATA read 2026-12-01: rectools 0.19.0 numpy<2 and pandas<3 on Python 3.11; replay-rec
 0.22.0 pandas<3 and pyarrow<24; the stack runs pandas 3.1 and pyarrow 26).
 
-    model = fit(prepared, cfg.sasrec, out)        # a Ray task; early-stopped on valid
-    model = load(out); model.scores(samples)      # (samples x catalog items), catalog order
+    fit(prepared, cfg.sasrec, out)                # a Ray task; early-stopped on valid
+    Trained(out).scores(samples)                  # (samples x catalog items), catalog order
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def train(prepared: Path, cfg: SasrecConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file(best_state, str(out / WEIGHTS))
     record = {"shape": shape, "item_ids": item_ids, "best_epoch": best_epoch,
-              "valid_ndcg@5": best[0], "valid_ndcg@20": best[1], "valid_mean_rank": -best[2], "epochs_run": len(curve), "valid_ndcg@5_per_epoch": curve,
+              "valid_ndcg@5": best[0], "valid_ndcg@20": best[1], "valid_mean_rank": -best[2],
+              "epochs_run": len(curve), "valid_ndcg@5_per_epoch": curve,
               "train_samples": len(targets), "seconds": round(time.time() - start, 1)}
     (out / META).write_text(json.dumps(record))
     return {k: v for k, v in record.items() if k not in ("item_ids", "valid_ndcg@5_per_epoch")}

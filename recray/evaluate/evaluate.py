@@ -160,9 +160,8 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
     own_pool = pool is None
     pool = pool or GenerationPool(cfg.generate, policy.model)
     try:
-        constrain = cfg.generate.constrain_to_catalog
         answers = pool.generate(samples, policy, cfg.evaluate.decoding, catalog_titles=(
-            catalog.column("title").to_pylist() if constrain else None))
+            catalog.column("title").to_pylist() if cfg.generate.constrain_to_catalog else None))
     finally:
         if own_pool:
             pool.close()

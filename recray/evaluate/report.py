@@ -43,7 +43,8 @@ def load_rows(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
     if (run_dir / "metrics.json").exists():
         row = json.loads((run_dir / "metrics.json").read_text())
-        return [{"method": run_dir.name, "iteration": 0, "split": "test", **row}]   # split: if recorded
+        # split: as metrics.json records it (recray evaluate writes it), else test
+        return [{"method": run_dir.name, "iteration": 0, "split": "test", **row}]
     raise RecrayError(f"{run_dir} has neither metrics.jsonl (a run) nor metrics.json (an evaluation)")
 
 
@@ -106,6 +107,8 @@ def differences_table(finals: list[tuple[Path, dict]], baseline: str,
     if base is None:
         return None
     base_ranks = _ranks_by_sample(predictions_of(*base))
+    ids = sorted(base_ranks)
+    a = [base_ranks[i] for i in ids]
     header = "| model (run) | " + " | ".join(f"Δ{m} [95% CI]" for m in metrics) + " |"
     lines = [header, "|---|" + "---|" * len(metrics)]
     for run_dir, row in finals:
@@ -116,8 +119,7 @@ def differences_table(finals: list[tuple[Path, dict]], baseline: str,
         if set(ranks) != set(base_ranks):
             lines.append(f"| {label} | " + " | ".join("other samples" for _ in metrics) + " |")
             continue
-        ids = sorted(base_ranks)
-        a, b = [base_ranks[i] for i in ids], [ranks[i] for i in ids]
+        b = [ranks[i] for i in ids]
         cells = []
         for metric in metrics:
             diff, low, high = paired_bootstrap(a, b, metric)
@@ -135,8 +137,8 @@ def mostpop_verdicts(per_method: dict[str, list[dict]], ks=(5, 20)) -> list[str]
     for method, runs in per_method.items():
         if method in REFERENCE_ROWS:
             continue
-        behind = [f"HR@{k} {np.mean([r.get(f'HR@{k}', 0.0) for r in runs]):.4f} ≤ {ceiling[k]:.4f}"
-                  for k in ks if np.mean([r.get(f"HR@{k}", 0.0) for r in runs]) <= ceiling[k]]
+        hr = {k: np.mean([r.get(f"HR@{k}", 0.0) for r in runs]) for k in ks}
+        behind = [f"HR@{k} {hr[k]:.4f} ≤ {ceiling[k]:.4f}" for k in ks if hr[k] <= ceiling[k]]
         if behind:
             out.append(f"{_label(method)} does not beat MostPop ({'; '.join(behind)}): it has not "
                        f"learned to recommend beyond the popularity list.")
@@ -215,18 +217,18 @@ def _finals(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[tu
     return out
 
 
-def _final_per_method(run_dirs: list[Path], runs: list[list[dict]], split: str) -> dict[str, list[dict]]:
-    """Each method's last-iteration rows on `split`, one per run that holds the method."""
+def _per_method(finals: list[tuple[Path, dict]]) -> dict[str, list[dict]]:
+    """The `_finals` rows by method, one per run that holds the method."""
     per_method: dict[str, list[dict]] = defaultdict(list)
-    for run_dir, row in _finals(run_dirs, runs, split):
+    for run_dir, row in finals:
         per_method[row.get("method", run_dir.name)].append(row)
     return dict(per_method)
 
 
 def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str,
                         baseline: str) -> list[str]:
-    per_method = _final_per_method(run_dirs, runs, split)
     finals = _finals(run_dirs, runs, split)
+    per_method = _per_method(finals)
     differences = differences_table(finals, baseline)
     verdicts = mostpop_verdicts(per_method)
     return [
@@ -259,7 +261,7 @@ def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None,
     for split in splits:
         lines += _comparison_section(run_dirs, runs, split, baseline)
     plot_curves(runs, splits[0], output / "metrics_per_iteration.png")
-    genres = plot_gu(_final_per_method(run_dirs, runs, splits[0]), output / "gu_by_genre.png")
+    genres = plot_gu(_per_method(_finals(run_dirs, runs, splits[0])), output / "gu_by_genre.png")
     lines += [f"## Metrics per self-play iteration ({splits[0]})", "",
               "![metrics per iteration](metrics_per_iteration.png)", ""]
     if genres:

@@ -72,7 +72,7 @@ def select_negatives(candidates: list[str], scores: list[float], positive: str, 
     for i in sorted(range(len(candidates)), key=lambda i: -scores[i]):
         title, status = parse_title(candidates[i])
         if status != "quoted":          # neither a line without quotes nor a cut-off title
-            counts[{"unparsable": "unparsable", "cut": "cut"}.get(status, "unquoted")] += 1
+            counts[status if status in ("unparsable", "cut") else "unquoted"] += 1
             continue
         if ground is not None:
             counts["grounded_changed"] += ground[title] != title
