@@ -1,12 +1,15 @@
 """Benchmark: `recray prepare` (Ray Data) against a single-process pandas implementation
-of the same protocol (spec §1), on synthetic logs with Zipf item popularity.
+of the same protocol (spec §1) that writes the same files, on synthetic logs with Zipf
+item popularity.
 
     python bench/prepare.py --sizes 1000000 10000000
 
 Both run as child processes, one at a time; a sampler in this process records the
 machine's peak memory in use above the idle baseline (Ray's object store lives in
-shared memory, so per-process RSS would miss it). The two implementations must pick
-exactly the same samples: the benchmark fails otherwise.
+shared memory, so per-process RSS would miss it). The two implementations must write
+the same output: the benchmark fails unless every split file (samples, histories,
+prompts, completions), catalog.parquet, groups.json and the counts stats.json shares
+with the baseline are equal.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import pandas as pd
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recray.data.prompts import article_first, build_completion, build_prompt
 
 DAY = 86_400
 
@@ -69,40 +74,118 @@ def synthetic_log(n_rows: int, out: Path, seed: int = 0, rows_per_file: int = 1_
     return out
 
 
-def pandas_prepare(log_dir: Path, catalog_file: Path, out: Path) -> None:
-    """The same protocol in one process: one big frame, sort, window, split."""
-    from recray.config import DataConfig
-    from recray.data.prepare import assign_splits, choose_subset, sample_hash
+def pandas_catalog(raw: pd.DataFrame, title_form: str) -> pd.DataFrame:
+    """recray's catalog rules: first row per id, non-empty titles, titles in shown form."""
+    catalog = raw.drop_duplicates("item_id")
+    catalog = catalog[catalog["title"].fillna("").str.strip() != ""].reset_index(drop=True)
+    stored = catalog["title"]
+    shown = stored.map(article_first) if title_form == "article_first" else stored
+    return pd.DataFrame({"item_id": catalog["item_id"], "title": shown,
+                         "categories": catalog["categories"].map(list), "source_title": stored})
 
+
+def split_frame(df: pd.DataFrame, rows: np.ndarray, sample_ids: np.ndarray,
+                position: np.ndarray, titles: dict[str, str], cfg) -> pd.DataFrame:
+    """One split's chosen samples (frame rows `rows`) as `recray prepare` writes them."""
+    items = df["item_id"].to_numpy(dtype=object)
+    histories = [items[max(r - position[r], r - cfg.history_len):r].tolist() for r in rows]
+    frame = pd.DataFrame({
+        "sample_id": sample_ids,
+        "user_id": df["user_id"].to_numpy(dtype=object)[rows],
+        "history_item_ids": histories,
+        "target_item_id": items[rows],
+        "target_time": df["timestamp"].to_numpy()[rows],
+    }).sort_values(["target_time", "sample_id"], kind="stable", ignore_index=True)
+    frame["history_titles"] = [[titles[i] for i in h] for h in frame["history_item_ids"]]
+    frame["target_title"] = frame["target_item_id"].map(titles)
+    frame["prompt"] = [build_prompt(h, cfg.noun) for h in frame["history_titles"]]
+    frame["completion"] = frame["target_title"].map(build_completion)
+    return frame
+
+
+def pandas_prepare(log_dir: Path, catalog_file: Path, out: Path) -> None:
+    """The same protocol and outputs in one process: one big frame, sort, window, split,
+    then the split files (prompts from recray.data.prompts), catalog.parquet with train
+    counts, groups.json and the counts of stats.json. Group choice reuses recray's
+    `choose_groups` (a pure function over train-target counts), so only the data
+    handling differs."""
+    from recray.config import DataConfig
+    from recray.data.prepare import SPLITS, assign_splits, choose_groups, choose_subset, sample_hash
+
+    started = time.time()
     cfg = DataConfig()
+    raw_catalog = pd.read_parquet(catalog_file)
+    catalog = pandas_catalog(raw_catalog, cfg.title_form)
     df = pd.read_parquet(log_dir)
-    catalog = pd.read_parquet(catalog_file)
-    titled = catalog.loc[catalog["title"].fillna("").str.strip() != "", "item_id"]
-    df = df[df["item_id"].isin(titled)]
-    df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    n_read, n_users_seen = len(df), df["user_id"].nunique()
+    known = df["item_id"].isin(raw_catalog["item_id"])
+    titled = df["item_id"].isin(catalog["item_id"])
+    df = df[titled].sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    n_titled = len(df)
     df = df.drop_duplicates(["user_id", "item_id", "timestamp"])
     size = df.groupby("user_id")["item_id"].transform("size")
+    n_valid, n_kept_users = len(df), int(df.loc[size >= cfg.min_interactions, "user_id"].nunique())
     df = df[size >= cfg.min_interactions].reset_index(drop=True)
     position = df.groupby("user_id").cumcount().to_numpy()
-    items = df["item_id"].to_numpy(dtype=object)
     rows = np.flatnonzero(position >= 1)
     sample_ids = (df["user_id"].to_numpy(dtype=object)[rows] + ":"
                   + position[rows].astype(str).astype(object))
     split = assign_splits(df["timestamp"].to_numpy()[rows], sample_ids, cfg.split)
     hashes = sample_hash(sample_ids, cfg.seed)
-    chosen = {}
-    for i, (name, n) in enumerate((("train", cfg.n_train), ("valid", cfg.n_valid),
-                                   ("test", cfg.n_test))):
-        picked = choose_subset(hashes, split == i, n)
-        chosen[name] = sorted(sample_ids[picked].tolist())
-        _ = [items[max(r - position[r], r - cfg.history_len):r] for r in rows[picked]]  # histories
+    titles = dict(zip(catalog["item_id"], catalog["title"]))
+    sizes = (cfg.n_train, cfg.n_valid, cfg.n_test)
+    picked = [choose_subset(hashes, split == i, n) for i, n in enumerate(sizes)]
+    subsets = {name: split_frame(df, rows[p], sample_ids[p], position, titles, cfg)
+               for name, p in zip(SPLITS, picked)}
+
+    train_targets = df["item_id"].to_numpy(dtype=object)[rows[split == 0]]
+    categories = dict(zip(catalog["item_id"], catalog["categories"]))
+    groups, dropped, freq = choose_groups(train_targets.tolist(), categories, cfg.n_groups,
+                                          cfg.exclude_categories)
+    counts = pd.Series(train_targets).value_counts()
+    catalog["train_count"] = catalog["item_id"].map(counts).fillna(0).astype("int64")
+
     out.mkdir(parents=True)
-    (out / "chosen.json").write_text(json.dumps(chosen))
+    for name, frame in subsets.items():
+        (out / name).mkdir()
+        frame.to_parquet(out / name / "part-00000.parquet", index=False)
+    catalog.to_parquet(out / "catalog.parquet", index=False)
+    (out / "groups.json").write_text(json.dumps({
+        "groups": groups, "dropped": dropped,
+        "train_target_frequency": {g: freq[g] for g in groups}}, indent=1))
+    (out / "stats.json").write_text(json.dumps({
+        "catalog": {"items_in": len(raw_catalog), "items_kept": len(catalog),
+                    "titles_article_first": int((catalog["title"] != catalog["source_title"]).sum())},
+        "interactions": {"read": n_read,
+                         "dropped_item_not_in_catalog": int((~known).sum()),
+                         "dropped_item_empty_title": int((known & ~titled).sum()),
+                         "dropped_duplicate": n_titled - n_valid, "valid": n_valid,
+                         "dropped_short_user": n_valid - len(df), "used": len(df)},
+        "users": {"seen": n_users_seen, "kept": n_kept_users},
+        "samples": {"total": len(rows),
+                    **{f"{name}_split": int((split == i).sum()) for i, name in enumerate(SPLITS)},
+                    **{f"{name}_subset": len(subsets[name]) for name in SPLITS}},
+        "seconds": round(time.time() - started, 1)}, indent=1))
 
 
-def recray_chosen(out: Path) -> dict[str, list[str]]:
-    return {name: sorted(pq.read_table(out / name).column("sample_id").to_pylist())
-            for name in ("train", "valid", "test")}
+def differences(pandas_out: Path, recray_out: Path) -> list[str]:
+    """What the two outputs disagree on: each split's rows (ids, histories, prompts,
+    completions), the catalog's rows, groups.json and the shared counts of stats.json."""
+    def rows(path: Path) -> list[dict]:
+        return pq.read_table(path).to_pylist()
+
+    found = [name for name in ("train", "valid", "test")
+             if rows(pandas_out / name) != rows(recray_out / name)]
+    if rows(pandas_out / "catalog.parquet") != rows(recray_out / "catalog.parquet"):
+        found.append("catalog.parquet")
+    if json.loads((pandas_out / "groups.json").read_text()) != \
+            json.loads((recray_out / "groups.json").read_text()):
+        found.append("groups.json")
+    ours = json.loads((pandas_out / "stats.json").read_text())
+    theirs = json.loads((recray_out / "stats.json").read_text())
+    found += [f"stats {part}.{key}" for part, counts in ours.items() if part != "seconds"
+              for key, value in counts.items() if theirs[part].get(key) != value]
+    return found
 
 
 class MemorySampler(threading.Thread):
@@ -151,16 +234,16 @@ def main() -> None:
         ray_s, ray_gb = timed(["recray", "prepare", "--format", "table",
                                "--input", str(data / "log"), "--output", str(recray_out),
                                f"data.catalog={data / 'catalog.parquet'}"])
-        same = json.loads((work / f"pandas-{n}" / "chosen.json").read_text()) == recray_chosen(recray_out)
-        if not same:
-            raise SystemExit(f"{n} rows: recray and pandas chose different samples")
+        different = differences(work / f"pandas-{n}", recray_out)
+        if different:
+            raise SystemExit(f"{n} rows: recray and pandas differ in {', '.join(different)}")
         rows.append((n, pandas_s, pandas_gb, ray_s, ray_gb))
         print(f"done {n:,} rows", flush=True)
 
     print(f"\nmachine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           "memory = peak machine memory in use above idle")
     print("| rows | pandas s | pandas rows/s | pandas peak GiB | recray (Ray Data) s "
-          "| recray rows/s | recray peak GiB | time ratio recray/pandas | same samples |")
+          "| recray rows/s | recray peak GiB | time ratio recray/pandas | same output |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, ps, pg, rs, rg in rows:
         print(f"| {n:,} | {ps:.1f} | {n / ps:,.0f} | {pg:.2f} | {rs:.1f} | {n / rs:,.0f} "
