@@ -25,12 +25,14 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
     from recray.data.prepare import prepare, summary_table
     from recray.evaluate.report import report
     from recray.loop import run_loop
+    from recray.runlog import to_file
     from recray.runtime import init_ray
 
     config = cfg.model_dump(mode="json")
     seeds = {"data": cfg.data.seed, "loop": cfg.loop.seed, "train": cfg.train.seed,
              "decoding": cfg.generate.decoding.seed}
     run = RunDir.resume(run_dir, config, force) if resume else RunDir.create(run_dir, config, seeds)
+    to_file(run.root / "run.log")
     start = time.time()
     try:
         init_ray(cfg.ray)

@@ -98,8 +98,19 @@ def check_config(cfg: Config) -> None:
     before anything starts; a sweep checks every trial config with it too."""
     from recray.generate.negatives import negatives_decoding
     method = METHODS[cfg.loop.method]
-    if planned_iterations(cfg) and method.dpo and method.negatives == "self":
+    looping = planned_iterations(cfg) > 0
+    if looping and method.dpo and method.negatives == "self":
         negatives_decoding(cfg.generate.decoding, cfg.generate.n_negatives, cfg.loop.seed)
+    if looping and method.sft and cfg.train.reweight:
+        raise ConfigError(f"train.reweight=true re-weights π_0's SFT on the prepared split, and "
+                          f"loop.method={cfg.loop.method} also runs SFT steps on each iteration's "
+                          f"samples, which RW does not define: use loop.method=rw (RW's π_0), or "
+                          f"drop train.reweight")
+    if "source" in cfg.generate.model_fields_set and cfg.generate.source != method.negatives:
+        raise ConfigError(f"generate.source={cfg.generate.source}: in `recray run` the method "
+                          f"chooses the negatives (loop.method={cfg.loop.method} uses "
+                          f"{method.negatives!r}); generate.source is for `recray generate "
+                          f"--negatives` alone: remove it")
 
 
 def run_loop(cfg: Config, run: RunDir, prepared: Path,
@@ -125,13 +136,14 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
         return
     check_resources(cfg)
     with GenerationPool(cfg.generate, base) as pool:
+        run.record("generation_engine", pool.engine)
         if cfg.loop.init_from:
-            reuse_initial_policy(run, Path(cfg.loop.init_from), cfg)
+            reuse_initial_policy(run, Path(cfg.loop.init_from), cfg, pool.engine)
         elif not run.done("it0/policy"):
             with run.stage("it0/policy") as out:
                 train.sft(base, prepared, out, train_cfg, phase="initial")
         policy = _trained_policy(base, run.path("it0/policy"), cfg)
-        metrics = _evaluate(run, 0, cfg, "rw" if method.reweight else "bigrec",
+        metrics = _evaluate(run, 0, cfg, "rw" if train_cfg.train.reweight else "bigrec",
                             _llm_evaluator(policy, pool, cfg, prepared))
         if on_iteration:
             on_iteration(0, metrics)
@@ -184,19 +196,36 @@ def _trained_policy(base: str, stage: Path, cfg: Config):
     return Policy(str(stage / "model"), None)
 
 
-# What makes two runs' π_0 the same model evaluated the same way.
+# What makes two runs' π_0 the same model evaluated the same way (with the method's own
+# switches applied: see effective_config).
 INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "train.reweight",
-                       "train.max_length", "train.seed", "evaluate")
+                       "train.max_length", "train.seed", "train.per_device_batch_size",
+                       "train.gradient_accumulation_steps", "train.scaling.num_workers",
+                       "train.scaling.use_gpu", "train.precision", "train.warmup_ratio",
+                       "train.weight_decay", "train.deepspeed", "generate.max_model_len",
+                       "generate.constrain_to_catalog", "evaluate")
 
 
-def reuse_initial_policy(run: RunDir, source: Path, cfg: Config) -> None:
+def effective_config(config: dict) -> dict:
+    """A run's config (as in its manifest) as its π_0 was trained: RW's method switches on
+    re-weighting in the training config only."""
+    out = json.loads(json.dumps(config))
+    out["train"]["reweight"] = (out["train"].get("reweight", False)
+                                or METHODS[out["loop"]["method"]].reweight)
+    return out
+
+
+def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -> None:
     """Start from another run's π_0 (ablations of one seed share it): copy its it0 stages,
-    marking the evaluation rows as reused so a report counts that model once."""
+    marking the evaluation rows as reused so a report counts that model once. Both runs'
+    configs are compared as π_0 was trained (effective_config); `engine`: the generation
+    engine of this run, against the one the source recorded."""
     from recray.rundir import config_diff
     if not (source / "it0" / "policy" / ".stage.json").exists():
         raise ConfigError(f"loop.init_from: {source} holds no finished it0/policy stage")
-    theirs = json.loads((source / "manifest.json").read_text())["config"]
-    ours = cfg.model_dump(mode="json")
+    manifest = json.loads((source / "manifest.json").read_text())
+    theirs = effective_config(manifest["config"])
+    ours = effective_config(cfg.model_dump(mode="json"))
     differences = []
     for key in INITIAL_POLICY_KEYS:
         a, b = _pick(theirs, key), _pick(ours, key)
@@ -204,6 +233,11 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config) -> None:
             differences += config_diff(a, b, key + ".")
         elif a != b:
             differences.append(f"{key}: {a!r} -> {b!r}")
+    their_backend = manifest.get("generation_engine", {}).get("backend",
+                                                             _pick(theirs, "generate.backend"))
+    if their_backend != engine["backend"]:
+        differences.append(f"generation backend (π_0's evaluation): {their_backend!r} -> "
+                           f"{engine['backend']!r}")
     if differences:
         raise ConfigError(f"loop.init_from: {source} trained π_0 with another config:\n  "
                           + "\n  ".join(differences))

@@ -15,6 +15,7 @@ map is a summary for people, rebuilt from those records.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -28,6 +29,7 @@ from recray.errors import RecrayError
 
 MARKER = "recray-run/1"
 STAGE_RECORD = ".stage.json"
+log = logging.getLogger(__name__)
 PACKAGES = ("recray", "torch", "ray", "transformers", "trl", "peft", "deepspeed", "pyarrow")
 
 
@@ -132,6 +134,11 @@ class RunDir:
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
 
+    def record(self, key: str, value) -> None:
+        """Keep `value` in the manifest under `key` (e.g. the generation engine used)."""
+        self.manifest[key] = value
+        self._save()
+
     def release(self) -> None:
         (self.root / ".lock").unlink(missing_ok=True)
 
@@ -151,6 +158,7 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)     # a previous attempt's leftovers
         tmp.mkdir(parents=True)
         start = time.time()
+        log.info("stage %s started", stage)
         yield tmp
         record = {"seconds": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -160,6 +168,7 @@ class RunDir:
         tmp.rename(final)
         self.manifest["stages"][stage] = record
         self._save()
+        log.info("stage %s done in %.1f s", stage, record["seconds"])
 
     def _recover(self) -> None:
         """Sweep half-written temp dirs; rebuild the stage summary from the stage records."""

@@ -16,13 +16,17 @@ log = logging.getLogger(__name__)
 def init_ray(cfg: RayConfig) -> None:
     """Join the cluster named by ray.address or RAY_ADDRESS, else start a local instance.
 
-    A local instance binds its dashboard to 127.0.0.1 only. Inside `ray job submit` the
-    job's RAY_ADDRESS is set, so this joins that cluster and passes no resources
-    (an existing cluster refuses them).
+    A local instance runs its dashboard bound to 127.0.0.1 only: Ray Train's placement-group
+    cleaner needs the State API it serves (without it the cleaner logs a warning every
+    second and cannot clean up after a dead controller). Inside `ray job submit` the job's
+    RAY_ADDRESS is set, so this joins that cluster and passes no resources (an existing
+    cluster refuses them).
     """
+    from recray.runlog import route_ray_output
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
+    route_ray_output()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
@@ -30,7 +34,8 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         # address="local" never attaches to a stale /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host="127.0.0.1",
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=True, log_to_driver=True)
+    route_ray_output()          # ray.init adds its own printer of worker lines: replace it
 
 
 def hide_ray_data_error_logs() -> None:

