@@ -137,6 +137,51 @@ def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path):
         assert ours._metrics["train"][key][-1] == pytest.approx(theirs._metrics["train"][key][-1], abs=1e-6)
 
 
+def test_sdpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp_path):
+    """The trainer's S-DPO loss for N = 3 (one prompt with 2), recomputed by hand: each
+    answer's log-probability under the policy and the reference (adapter off) from plain
+    one-sequence forwards, then mean_b log(1 + Σ_j exp(β (h_lj − h_w)))."""
+    import datasets
+    import pandas as pd
+
+    from recray.train.worker import make_trainer
+    from test_train_support import make_negatives
+
+    model_dir, prepared = tiny
+    neg = pd.read_parquet(make_negatives(prepared / "train", tmp_path / "neg.parquet", n_negatives=3))
+    rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
+            for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:4]
+    rows[2]["rejected"] = rows[2]["rejected"][:2]
+    job = make_job("dpo", model_dir, tmp_path, beta=0.5)
+    trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "ours"))
+    _randomize_lora(trainer.model, seed=3)
+    model, tok = trainer.model.eval(), trainer.processing_class
+    with torch.no_grad():
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        loss = trainer.compute_loss(model, batch).item()
+
+        def answer_logp(prompt: str, answer: str) -> float:
+            ending = "" if answer.endswith(tok.eos_token) else tok.eos_token
+            full = tok(prompt + answer + ending)["input_ids"]
+            ask = tok(prompt)["input_ids"]
+            start = next(i for i, (a, b) in enumerate(zip(ask + [None], full)) if a != b)
+            logps = torch.log_softmax(model(torch.tensor([full])).logits[0, :-1], dim=-1)
+            return sum(logps[t - 1, full[t]].item() for t in range(start, len(full)))
+
+        def h(prompt: str, answer: str) -> float:
+            policy = answer_logp(prompt, answer)
+            with model.disable_adapter():
+                return policy - answer_logp(prompt, answer)
+
+        by_hand = []
+        for r in rows:
+            chosen = h(r["prompt"], r["chosen"])
+            by_hand.append(math.log1p(sum(math.exp(0.5 * (h(r["prompt"], a) - chosen))
+                                          for a in r["rejected"])))
+    assert abs(loss - math.log(4)) > 1e-3              # not the value at policy = reference
+    assert loss == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+
+
 def test_weighted_sft_loss_is_trl_loss_with_unit_weights(tiny, tmp_path):
     import datasets
     import pandas as pd
