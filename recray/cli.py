@@ -135,6 +135,13 @@ def cmd_report(args) -> None:
     print(f"report: {path}")
 
 
+def cmd_methods(args) -> None:
+    from recray.loop import METHODS
+    width = max(map(len, METHODS))
+    for name, method in METHODS.items():
+        print(f"{name:{width}s}  {method.about}")
+
+
 def cmd_run(args) -> None:
     from recray.config import load_config
     from recray.job import run_job
@@ -238,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: learning rate/epochs from train.sft (initial) or train.sft_loop")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("methods", help="every loop.method, one line each")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep: one self-play loop run per trial")
     p.add_argument("--output", help="sweep directory to create (default: runs/sweeps/<name>-<time>)")

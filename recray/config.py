@@ -116,6 +116,9 @@ class TrainConfig(Strict):
     dpo: StepConfig = Field(default_factory=StepConfig)
     beta: float = Field(0.1, gt=0)
     max_negatives: int | None = Field(None, ge=1)   # use at most this many rejected answers per prompt
+    # How DPO scores a prompt's N rejected answers: softmax (S-DPO, SPRec's) or mean_reward
+    # (DMPO: chosen reward against their mean reward); the same DPO loss for N = 1.
+    multi_negative_loss: Literal["softmax", "mean_reward"] = "softmax"
     reweight: bool = False                 # IFairLRS RW: per-sample SFT weights from group shares
     max_length: int = Field(512, ge=8)     # prompt + answer tokens; history is cut from the left
     per_device_batch_size: int = Field(4, ge=1)
@@ -208,6 +211,9 @@ class LoopConfig(Strict):
     init_from: str | None = None            # an earlier run whose π_0 (and its evaluation) to reuse
     iterations: int = Field(5, ge=0)        # T
     samples_per_iteration: int = Field(2048, ge=1)   # n_t, drawn from the train subset
+    # dmpo's objective (seed-methods.md §5.3): mean_reward (one sigmoid against the mean
+    # rejected reward) or mean_pairs (the mean of k separate DPO pair losses)
+    dmpo_form: Literal["mean_reward", "mean_pairs"] = "mean_reward"
     seed: int = 0
 
 

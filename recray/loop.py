@@ -37,29 +37,58 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Method:
+    about: str                  # one line for `recray methods` and docs/loop.md
     loop: bool = True           # False: π_0 only
     sft: bool = True            # the in-loop SFT step
     dpo: bool = True            # the DPO step
     negatives: str = "self"     # "self": the policy's answers; "random": catalog titles
-    pairwise: bool = False      # DMPO: one standard DPO pair per negative instead of S-DPO
+    k: int | None = None        # negatives per prompt when generate.n_negatives is not set
+    dmpo: bool = False          # DMPO's objective over the k negatives (loop.dmpo_form)
     one_pass: bool = False      # DMPO, SDPO: a single DPO pass (T = 1)
     reweight: bool = False      # RW (IFairLRS): re-weighted initial SFT
     recommender: str | None = None   # a reference row with no LLM (recray.conventional)
 
 
 METHODS = {
-    "sprec": Method(),
-    "bigrec": Method(loop=False),
-    "sprec-nodpo": Method(dpo=False),
-    "sprec-nosft": Method(sft=False),
-    "sprec-rn": Method(negatives="random"),
-    "dmpo": Method(sft=False, negatives="random", pairwise=True, one_pass=True),
-    "sdpo": Method(sft=False, negatives="random", one_pass=True),
-    "rw": Method(loop=False, reweight=True),
-    "mostpop": Method(loop=False, recommender="mostpop"),
-    "random": Method(loop=False, recommender="random"),
-    "sasrec": Method(loop=False, recommender="sasrec"),
+    "sprec": Method("initial SFT, then T × (self-play negatives → SFT → DPO)"),
+    "bigrec": Method("initial SFT only", loop=False),
+    "sprec-nodpo": Method("SPRec without the DPO step (no negatives generated)", dpo=False),
+    "sprec-nosft": Method("SPRec without the SFT step (DPO's reference is π_{t-1})", sft=False),
+    "sprec-rn": Method("SPRec with negatives drawn uniformly from the catalog",
+                       negatives="random"),
+    "dmpo": Method("one DPO pass after π_0, k = 3 random negatives, DMPO's mean-reward loss "
+                   "(loop.dmpo_form)", sft=False, negatives="random", k=3, dmpo=True,
+                   one_pass=True),
+    "sdpo": Method("one DPO pass after π_0, k = 3 random negatives, softmax (S-DPO) loss",
+                   sft=False, negatives="random", k=3, one_pass=True),
+    "rw": Method("initial SFT with IFairLRS re-weighting only", loop=False, reweight=True),
+    "mostpop": Method("no LLM: the most frequent train-split targets, the same list for "
+                      "everyone", loop=False, recommender="mostpop"),
+    "random": Method("no LLM: a seeded uniform ranking per sample", loop=False,
+                     recommender="random"),
+    "sasrec": Method("no LLM: item-ID SASRec on the train subset, early-stopped on valid",
+                     loop=False, recommender="sasrec"),
 }
+
+
+def method_config(cfg: Config) -> Config:
+    """`cfg` with its method's switches applied, as every stage of the run sees it: RW's
+    re-weighting, the method's negatives and their number k (unless generate.n_negatives
+    is set), and DMPO's loss."""
+    method = METHODS[cfg.loop.method]
+    out = cfg.model_copy(deep=True)
+    out.train.reweight = cfg.train.reweight or method.reweight
+    out.generate.source = method.negatives
+    if method.k is not None and "n_negatives" not in cfg.generate.model_fields_set:
+        out.generate.n_negatives = method.k
+    if method.dmpo and cfg.loop.dmpo_form == "mean_reward":
+        out.train.multi_negative_loss = "mean_reward"
+    return out
+
+
+def pairs_per_negative(cfg: Config) -> bool:
+    """DMPO's mean_pairs form: one standard DPO pair per negative."""
+    return METHODS[cfg.loop.method].dmpo and cfg.loop.dmpo_form == "mean_pairs"
 
 
 def iteration_samples(train: pa.Table, n: int, seed: int, iteration: int) -> pa.Table:
@@ -119,15 +148,14 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
     from recray.generate import GenerationPool
     from recray.generate.negatives import make_negatives
 
+    check_config(cfg)
+    cfg = method_config(cfg)
     method = METHODS[cfg.loop.method]
     base = cfg.loop.base_model or str(_embedded_model())
-    train_cfg = cfg.model_copy(deep=True)
-    train_cfg.train.reweight = cfg.train.reweight or method.reweight
     iterations = planned_iterations(cfg)
     catalog = pq.read_table(prepared / "catalog.parquet")
     train_split = pq.read_table(prepared / "train")
 
-    check_config(cfg)
     if method.recommender:
         metrics = _evaluate(run, 0, cfg, cfg.loop.method,
                             _reference_evaluator(method.recommender, run, cfg, prepared, catalog))
@@ -141,9 +169,9 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             reuse_initial_policy(run, Path(cfg.loop.init_from), cfg, pool.engine)
         elif not run.done("it0/policy"):
             with run.stage("it0/policy") as out:
-                train.sft(base, prepared, out, train_cfg, phase="initial")
+                train.sft(base, prepared, out, cfg, phase="initial")
         policy = _trained_policy(base, run.path("it0/policy"), cfg)
-        metrics = _evaluate(run, 0, cfg, "rw" if train_cfg.train.reweight else "bigrec",
+        metrics = _evaluate(run, 0, cfg, "rw" if cfg.train.reweight else "bigrec",
                             _llm_evaluator(policy, pool, cfg, prepared))
         if on_iteration:
             on_iteration(0, metrics)
@@ -158,10 +186,9 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
 
             if method.dpo and not run.done(f"{it}/negatives"):
                 with run.stage(f"{it}/negatives") as out:
-                    gen = cfg.generate.model_copy(update={"source": method.negatives})
                     make_negatives(pool, pq.read_table(samples), policy, catalog,
-                                   gen, out, seed=cfg.loop.seed * 1000 + t)
-                    if method.pairwise:
+                                   cfg.generate, out, seed=cfg.loop.seed * 1000 + t)
+                    if pairs_per_negative(cfg):
                         pq.write_table(pairwise(pq.read_table(out / "negatives.parquet")),
                                        out / "negatives.parquet")
 
@@ -196,8 +223,8 @@ def _trained_policy(base: str, stage: Path, cfg: Config):
     return Policy(str(stage / "model"), None)
 
 
-# What makes two runs' π_0 the same model evaluated the same way (with the method's own
-# switches applied: see effective_config).
+# What makes two runs' π_0 the same model evaluated the same way (with the methods'
+# switches applied: method_config).
 INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "train.reweight",
                        "train.max_length", "train.seed", "train.per_device_batch_size",
                        "train.gradient_accumulation_steps", "train.scaling.num_workers",
@@ -207,12 +234,8 @@ INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "tr
 
 
 def effective_config(config: dict) -> dict:
-    """A run's config (as in its manifest) as its π_0 was trained: RW's method switches on
-    re-weighting in the training config only."""
-    out = json.loads(json.dumps(config))
-    out["train"]["reweight"] = (out["train"].get("reweight", False)
-                                or METHODS[out["loop"]["method"]].reweight)
-    return out
+    """A run's config (as in its manifest) as its stages saw it (method_config)."""
+    return method_config(Config.model_validate(config)).model_dump(mode="json")
 
 
 def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -> None:

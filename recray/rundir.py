@@ -8,12 +8,17 @@
 
 A stage is complete iff its final directory exists: the stage's record
 (`.stage.json`) is written inside the temp dir and the rename publishes both at once,
-so no crash can leave a finished-looking stage that is not. The manifest's `stages`
-map is a summary for people, rebuilt from those records.
+so no crash can leave a finished-looking stage that is not. The record also lists every
+file of the stage (size, blake2b) and a sequence number: `resume` checks each finished
+stage against its list and moves a corrupt one, with every stage finished after it, to
+`quarantine/` to be redone (docs/reliability.md). The manifest's `stages` map is a
+summary for people, rebuilt from those records.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +34,10 @@ from recray.errors import RecrayError
 
 MARKER = "recray-run/1"
 STAGE_RECORD = ".stage.json"
+QUARANTINE = "quarantine"
+# A write failed for want of space: the disk (ENOSPC), a quota (EDQUOT), a file size limit
+# (EFBIG, RLIMIT_FSIZE: what the tests use). Each means "free space, then resume".
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 log = logging.getLogger(__name__)
 PACKAGES = ("recray", "torch", "ray", "transformers", "trl", "peft", "deepspeed", "pyarrow")
 
@@ -61,6 +70,58 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return lines
+
+
+def _no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in NO_SPACE
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every file of a stage folder but its record, by relative path."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p != folder / STAGE_RECORD}
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def _inventory(folder: Path) -> dict[str, dict]:
+    """What a stage's record lists: relative path -> size and blake2b of every file."""
+    return {rel: {"size": p.stat().st_size, "blake2b": _digest(p)}
+            for rel, p in _files(folder).items()}
+
+
+def _damage(folder: Path, record: dict | None) -> list[str]:
+    """How a finished stage's files differ from its record (empty: they match)."""
+    if record is None:
+        return [f"{STAGE_RECORD}: unreadable"]
+    if "files" not in record:
+        return []           # recorded before records listed files: accepted as it is
+    want, have = record["files"], _files(folder)
+    problems = [f"{rel}: missing" for rel in sorted(want.keys() - have.keys())]
+    problems += [f"{rel}: not in the stage record" for rel in sorted(have.keys() - want.keys())]
+    for rel in sorted(want.keys() & have.keys()):
+        size = have[rel].stat().st_size
+        if size != want[rel]["size"]:
+            problems.append(f"{rel}: size {size} != {want[rel]['size']}")
+        elif _digest(have[rel]) != want[rel]["blake2b"]:
+            problems.append(f"{rel}: content differs (blake2b)")
+    return problems
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _summary(record: dict | None) -> dict:
+    """A record as the manifest shows it: the file list stays in the stage's own record."""
+    return {k: v for k, v in (record or {}).items() if k != "files"}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -153,33 +214,110 @@ class RunDir:
     @contextmanager
     def stage(self, stage: str):
         """Yield a temp dir for `stage`; on success it becomes `path(stage)` and is recorded."""
+        self._check_not_nested(stage)
         final = self.path(stage)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)     # a previous attempt's leftovers
         tmp.mkdir(parents=True)
         start = time.time()
         log.info("stage %s started", stage)
-        yield tmp
-        record = {"seconds": round(time.time() - start, 1),
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / STAGE_RECORD).write_text(json.dumps(record))
-        if final.exists():                          # unrecorded: an attempt that died mid-rename
-            shutil.rmtree(final)
-        tmp.rename(final)
-        self.manifest["stages"][stage] = record
+        try:
+            yield tmp
+            record = {"seconds": round(time.time() - start, 1),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      # orders stages on resume: a corrupt one is redone with all after it
+                      "seq": 1 + max((r.get("seq", 0) for r in self.manifest["stages"].values()),
+                                     default=0),
+                      "files": _inventory(tmp)}
+            (tmp / STAGE_RECORD).write_text(json.dumps(record))
+            if final.exists():                      # unrecorded: an attempt that died mid-rename
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except OSError as e:
+            if not _no_space(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space the half stage took
+            raise RecrayError(f"stage {stage} could not be written ({e}); it is not marked "
+                              f"done: free disk space, then resume with `recray run --resume "
+                              f"{self.root}`") from e
+        self.manifest["stages"][stage] = _summary(record)
         self._save()
         log.info("stage %s done in %.1f s", stage, record["seconds"])
 
+    def _check_not_nested(self, stage: str) -> None:
+        """Stages are disjoint folders: moving one (quarantine) or replacing one must never
+        take another's files with it."""
+        for other in self.manifest["stages"]:
+            if other != stage and (other.startswith(stage + "/") or stage.startswith(other + "/")):
+                raise RecrayError(f"stage {stage} would nest with stage {other} in {self.root}: "
+                                  f"stages must be disjoint folders")
+
     def _recover(self) -> None:
-        """Sweep half-written temp dirs; rebuild the stage summary from the stage records."""
-        for tmp in sorted(self.root.rglob("*.tmp"), reverse=True):
+        """Sweep half-written temp dirs; quarantine corrupt stages and those after them;
+        rebuild the stage summary from the stage records."""
+        for tmp in sorted(self._outside_quarantine("*.tmp"), reverse=True):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
-        self.manifest["stages"] = {
-            str(rec.parent.relative_to(self.root)): json.loads(rec.read_text())
-            for rec in sorted(self.root.rglob(STAGE_RECORD))}
+        records = self._records()
+        start = time.time()
+        damaged = {stage: problems for stage, record in records.items()
+                   if (problems := _damage(self.path(stage), record))}
+        if time.time() - start > 1:
+            log.info("verified %d finished stages in %.1f s", len(records), time.time() - start)
+        if damaged:
+            self._quarantine(records, damaged)
+            records = self._records()
+        self.manifest["stages"] = {stage: _summary(r) for stage, r in records.items()}
+
+    def _outside_quarantine(self, pattern: str) -> list[Path]:
+        quarantine = self.root / QUARANTINE
+        return [p for p in self.root.rglob(pattern) if quarantine not in p.parents]
+
+    def _records(self) -> dict[str, dict | None]:
+        """Finished stages -> their records (None: unreadable)."""
+        return {rec.parent.relative_to(self.root).as_posix(): _read_record(rec)
+                for rec in sorted(self._outside_quarantine(STAGE_RECORD))}
+
+    def _quarantine(self, records: dict[str, dict | None], damaged: dict[str, list[str]]) -> None:
+        """Move the damaged stages and every stage finished after the first of them (they
+        may have been computed from it) to quarantine/, where nothing is lost; the run then
+        redoes them. A record without a sequence number (unreadable, or written before
+        records had one) counts as the earliest."""
+        seq = {stage: (r or {}).get("seq", 0) for stage, r in records.items()}
+        first = min(damaged, key=lambda s: seq[s])
+        moved = sorted((s for s in records if s in damaged or seq[s] > seq[first]),
+                       key=lambda s: (seq[s], s))
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        where = {stage: self._move_aside(stage, stamp) for stage in moved}
+        for stage, problems in sorted(damaged.items(), key=lambda kv: seq[kv[0]]):
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                               if len(problems) > 3 else "")
+            later = [s for s in moved if s != stage and seq[s] > seq[stage]]
+            log.warning("stage %s is corrupt (%s): moved to %s; it and the %d stage(s) finished "
+                        "after it%s will be redone%s", stage, shown, where[stage], len(later),
+                        f" ({', '.join(later)})" if later else "",
+                        "" if seq[stage] else " (its record gives no order: taken as the earliest)")
+        self.manifest.setdefault("quarantined", []).append(
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "moved": where,
+             "corrupt": {stage: problems for stage, problems in damaged.items()}})
+
+    def _move_aside(self, stage: str, stamp: str) -> str:
+        name = f"{stage.replace('/', '__')}-{stamp}"
+        target, n = self.root / QUARANTINE / name, 1
+        while target.exists():                      # a second resume within the same second
+            target, n = self.root / QUARANTINE / f"{name}-{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        self.path(stage).rename(target)
+        return target.relative_to(self.root).as_posix()
 
     def _save(self) -> None:
         tmp = self.root / "manifest.json.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
+        try:
+            tmp.write_text(json.dumps(self.manifest, indent=1))
+        except OSError as e:
+            if not _no_space(e):
+                raise
+            raise RecrayError(f"{self.root / 'manifest.json'} could not be written ({e}): "
+                              f"free disk space, then resume with `recray run --resume "
+                              f"{self.root}`") from e
         os.replace(tmp, self.root / "manifest.json")

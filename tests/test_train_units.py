@@ -13,7 +13,7 @@ from recray.config import TrainConfig
 from recray.errors import ConfigError
 from recray.train.deepspeed import deepspeed_config
 from recray.train.inputs import drop_oldest_title
-from recray.train.losses import sdpo_loss, weighted_token_loss
+from recray.train.losses import dmpo_loss, sdpo_loss, weighted_token_loss
 from recray.train.reweight import group_weights, sample_weights
 
 from test_train_support import make_job, make_prepared, make_tiny_model
@@ -51,6 +51,19 @@ def test_sdpo_masked_negatives_are_left_out():
     assert full.item() == pytest.approx(one.item(), abs=1e-7)
     with pytest.raises(ValueError):
         sdpo_loss(torch.tensor([0.5]), torch.tensor([[1.0]]), torch.tensor([[False]]), beta=0.1)
+
+
+def test_dmpo_loss_matches_hand_computed_value_and_is_dpo_for_one_negative():
+    # h_w = 0.5; h_l = 1.0, -2.0, 0.3 (mean -0.2333...); beta 0.1:
+    #   loss = -log sigmoid(0.1 * (0.5 + 0.7/3)) = log(1 + e^{-0.07333...}) = 0.6571525855...
+    loss = dmpo_loss(torch.tensor([0.5], dtype=torch.float64),
+                     torch.tensor([[1.0, -2.0, 0.3, 99.0]], dtype=torch.float64),
+                     torch.tensor([[True, True, True, False]]), beta=0.1)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.1 * (0.5 + 0.7 / 3))), abs=1e-12)
+    g = torch.Generator().manual_seed(1)
+    chosen, rejected = torch.randn(32, generator=g), torch.randn(32, 1, generator=g)
+    one = torch.ones(32, 1, dtype=torch.bool)
+    assert torch.allclose(dmpo_loss(chosen, rejected, one, 0.5), sdpo_loss(chosen, rejected, one, 0.5))
 
 
 def test_sdpo_gradient_pushes_chosen_up_and_rejected_down():
@@ -137,10 +150,12 @@ def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path):
         assert ours._metrics["train"][key][-1] == pytest.approx(theirs._metrics["train"][key][-1], abs=1e-6)
 
 
-def test_sdpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp_path):
-    """The trainer's S-DPO loss for N = 3 (one prompt with 2), recomputed by hand: each
-    answer's log-probability under the policy and the reference (adapter off) from plain
-    one-sequence forwards, then mean_b log(1 + Σ_j exp(β (h_lj − h_w)))."""
+@pytest.mark.parametrize("loss_name", ["softmax", "mean_reward"])
+def test_dpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp_path, loss_name):
+    """The trainer's loss for N = 3 (one prompt with 2), recomputed by hand: each answer's
+    log-probability under the policy and the reference (adapter off) from plain
+    one-sequence forwards, then S-DPO's mean_b log(1 + Σ_j exp(β (h_lj − h_w))) or DMPO's
+    mean_b log(1 + exp(−β (h_w − mean_j h_lj)))."""
     import datasets
     import pandas as pd
 
@@ -152,7 +167,7 @@ def test_sdpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tm
     rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
             for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:4]
     rows[2]["rejected"] = rows[2]["rejected"][:2]
-    job = make_job("dpo", model_dir, tmp_path, beta=0.5)
+    job = make_job("dpo", model_dir, tmp_path, beta=0.5, multi_negative_loss=loss_name)
     trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "ours"))
     _randomize_lora(trainer.model, seed=3)
     model, tok = trainer.model.eval(), trainer.processing_class
@@ -176,8 +191,11 @@ def test_sdpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tm
         by_hand = []
         for r in rows:
             chosen = h(r["prompt"], r["chosen"])
-            by_hand.append(math.log1p(sum(math.exp(0.5 * (h(r["prompt"], a) - chosen))
-                                          for a in r["rejected"])))
+            rejected = [h(r["prompt"], a) for a in r["rejected"]]
+            if loss_name == "softmax":
+                by_hand.append(math.log1p(sum(math.exp(0.5 * (x - chosen)) for x in rejected)))
+            else:
+                by_hand.append(math.log1p(math.exp(-0.5 * (chosen - sum(rejected) / len(rejected)))))
     assert abs(loss - math.log(4)) > 1e-3              # not the value at policy = reference
     assert loss == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
 

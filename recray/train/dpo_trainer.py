@@ -23,7 +23,7 @@ from trl.data_utils import _tokenize, common_prefix_length
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
-from recray.train.losses import sdpo_loss
+from recray.train.losses import MULTI_NEGATIVE_LOSSES
 
 
 @dataclass
@@ -54,9 +54,11 @@ class MultiNegativeCollator(DataCollatorMixin):
 
 
 class SDPOTrainer(DPOTrainer):
-    """DPOTrainer with `rejected` a list of answers and the S-DPO loss."""
+    """DPOTrainer with `rejected` a list of answers and a loss over them: S-DPO's softmax
+    (the default) or DMPO's mean rejected reward (recray.train.losses)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, multi_negative_loss: str = "softmax", **kwargs):
+        self.multi_negative_loss = MULTI_NEGATIVE_LOSSES[multi_negative_loss]
         args_ = kwargs.get("args")
         if args_ is not None and (args_.precompute_ref_log_probs or args_.loss_type != ["sigmoid"]
                                   or args_.ld_alpha is not None or args_.use_weighting
@@ -103,7 +105,7 @@ class SDPOTrainer(DPOTrainer):
         batch, n = mask.shape
         h = self._sequence_logps(model, inputs, labels) - self._reference_logps(inputs, labels)
         chosen, rejected = h[:batch], h[batch:].view(n, batch).T
-        loss = sdpo_loss(chosen, rejected, mask, self.beta).mean()
+        loss = self.multi_negative_loss(chosen, rejected, mask, self.beta).mean()
         self._record(inputs, chosen.detach(), rejected.detach(), mask)
         return (loss, None) if return_outputs else loss
 
@@ -125,9 +127,10 @@ class SDPOTrainer(DPOTrainer):
         m["num_tokens"] = [self._total_train_tokens]
 
 
-def build_dpo_trainer(model, tokenizer, dataset, args: DPOConfig, peft_config=None) -> SDPOTrainer:
+def build_dpo_trainer(model, tokenizer, dataset, args: DPOConfig, peft_config=None,
+                      multi_negative_loss: str = "softmax") -> SDPOTrainer:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return SDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                       peft_config=peft_config,
+                       peft_config=peft_config, multi_negative_loss=multi_negative_loss,
                        data_collator=MultiNegativeCollator(pad_token_id=tokenizer.pad_token_id))

@@ -1,5 +1,6 @@
-"""The two losses recray adds to TRL: softmax-DPO over N negatives, and a per-sample
-weighted token loss for re-weighted SFT. Pure tensor functions, tested by hand values."""
+"""The losses recray adds to TRL: DPO over N negatives (S-DPO's softmax, or DMPO's mean
+rejected reward), and a per-sample weighted token loss for re-weighted SFT. Pure tensor
+functions, tested by hand values."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ def sdpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
     delta = beta * (rejected_logratios - chosen_logratios.unsqueeze(1))
     delta = delta.masked_fill(~mask, float("-inf"))
     return -F.logsigmoid(-torch.logsumexp(delta, dim=1))
+
+
+def dmpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+              rejected_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-prompt DMPO loss  -log σ(β·h(y_w) - β·mean_j h(y_lj))  (seed-methods.md §5.3:
+    the chosen reward against the mean of the prompt's rejected rewards; N = 1 is DPO).
+    Arguments as sdpo_loss's; masked negatives are left out of the mean."""
+    mask = rejected_mask.bool()
+    if not mask.any(dim=1).all():
+        raise ValueError("every prompt needs at least one rejected answer")
+    mean_rejected = (rejected_logratios * mask).sum(dim=1) / mask.sum(dim=1)
+    return -F.logsigmoid(beta * (chosen_logratios - mean_rejected))
+
+
+MULTI_NEGATIVE_LOSSES = {"softmax": sdpo_loss, "mean_reward": dmpo_loss}
 
 
 def weighted_token_loss(token_logps: torch.Tensor, weights: torch.Tensor,

@@ -101,8 +101,10 @@ def make_trainer(job: Job, dataset, output_dir: str):
 
     model, tokenizer, peft_config = load_policy(job)
     args = training_args(job, output_dir)
-    build = build_sft_trainer if job.kind == "sft" else build_dpo_trainer
-    return build(model, tokenizer, dataset, args, peft_config)
+    if job.kind == "sft":
+        return build_sft_trainer(model, tokenizer, dataset, args, peft_config)
+    return build_dpo_trainer(model, tokenizer, dataset, args, peft_config,
+                             multi_negative_loss=job.train["multi_negative_loss"])
 
 
 def to_hf_dataset(rows: list[dict], kind: str):
