@@ -193,6 +193,16 @@ class GenerateConfig(Strict):
     constrain_to_catalog: bool = False
 
 
+class RerankConfig(Strict):
+    """IFairLRS re-ranking after grounding (recray.evaluate.rerank): π from GU@k on valid,
+    λ chosen on valid from `lambdas`, both applied to test."""
+    enabled: bool = False
+    k: int = Field(5, ge=1)                 # K_r: 5, or 1 when the target metric is MGU@1
+    lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
+                                 min_length=1)
+    ndcg_guard: float = Field(0.95, gt=0, le=1)   # keep NDCG@5 >= this × NDCG@5 at λ = 0
+
+
 class EvaluateConfig(Strict):
     """Spec §4: one answer per prompt (greedy, as the reference code; beam is a setting),
     grounded to the catalog."""
@@ -201,6 +211,7 @@ class EvaluateConfig(Strict):
     splits: list[Literal["valid", "test"]] = Field(   # evaluated after every iteration
         default_factory=lambda: ["valid", "test"], min_length=1)
     limit: int | None = Field(None, ge=1)                      # first N samples of each split
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
 
 
 class LoopConfig(Strict):

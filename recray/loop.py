@@ -135,6 +135,12 @@ def check_config(cfg: Config) -> None:
                           f"loop.method={cfg.loop.method} also runs SFT steps on each iteration's "
                           f"samples, which RW does not define: use loop.method=rw (RW's π_0), or "
                           f"drop train.reweight")
+    splits = cfg.evaluate.splits
+    if cfg.evaluate.rerank.enabled and (method.recommender or "valid" not in splits
+                                        or splits.index("valid") > 0):
+        raise ConfigError("evaluate.rerank re-ranks grounded LLM answers with a penalty fitted "
+                          "on valid: it needs an LLM method and evaluate.splits starting with "
+                          f"valid (got loop.method={cfg.loop.method}, evaluate.splits={splits})")
     if "source" in cfg.generate.model_fields_set and cfg.generate.source != method.negatives:
         raise ConfigError(f"generate.source={cfg.generate.source}: in `recray run` the method "
                           f"chooses the negatives (loop.method={cfg.loop.method} uses "
@@ -172,7 +178,8 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
                 train.sft(base, prepared, out, cfg, phase="initial")
         policy = _trained_policy(base, run.path("it0/policy"), cfg)
         metrics = _evaluate(run, 0, cfg, "rw" if cfg.train.reweight else "bigrec",
-                            _llm_evaluator(policy, pool, cfg, prepared))
+                            _llm_evaluator(policy, pool, cfg, prepared,
+                                           run.path("it0/eval/valid")))
         if on_iteration:
             on_iteration(0, metrics)
 
@@ -208,7 +215,8 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
                                   out, cfg, adapter=reference.adapter)
                 policy = _trained_policy(base, run.path(f"{it}/policy"), cfg)
             metrics = _evaluate(run, t, cfg, cfg.loop.method,
-                                _llm_evaluator(policy, pool, cfg, prepared))
+                                _llm_evaluator(policy, pool, cfg, prepared,
+                                               run.path(f"{it}/eval/valid")))
             if on_iteration:
                 on_iteration(t, metrics)
 
@@ -307,10 +315,12 @@ def check_resources(cfg: Config, trial_cpus: float = 0) -> None:
 Evaluator = Callable[[str, Path], dict]
 
 
-def _llm_evaluator(policy, pool, cfg: Config, prepared: Path) -> Evaluator:
+def _llm_evaluator(policy, pool, cfg: Config, prepared: Path, valid_stage: Path) -> Evaluator:
+    """`valid_stage`: this model's valid evaluation, whose re-ranker (evaluate.rerank) the
+    other splits apply."""
     from recray.evaluate.evaluate import evaluate
     return lambda split, out: evaluate(prepared, split, policy, cfg, out, cfg.evaluate.limit,
-                                       pool=pool)
+                                       pool=pool, rerank_plan=valid_stage / "result" / "rerank.json")
 
 
 def _reference_evaluator(name: str, run: RunDir, cfg: Config, prepared: Path,

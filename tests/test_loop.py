@@ -139,6 +139,11 @@ def test_settings_that_would_stop_or_be_ignored_by_a_run_are_refused_before_it_s
     with pytest.raises(ConfigError, match="generate.source=self(.|\n)*uses 'random'"):
         check_config(load_config(None, ["generate.source=self", "loop.method=sprec-rn"]))
     check_config(load_config(None, ["generate.source=random", "loop.method=dmpo"]))
+    with pytest.raises(ConfigError, match="evaluate.rerank(.|\n)*starting with valid"):
+        check_config(load_config(None, ["evaluate.rerank.enabled=true", "evaluate.splits=[test]"]))
+    with pytest.raises(ConfigError, match="evaluate.rerank(.|\n)*an LLM method"):
+        check_config(load_config(None, ["evaluate.rerank.enabled=true", "loop.method=mostpop"]))
+    check_config(load_config(None, ["evaluate.rerank.enabled=true"]))
 
 
 def test_pool_and_workers_that_cannot_fit_together_are_refused(ray_session, monkeypatch):

@@ -58,8 +58,10 @@ def predictions_table(samples: pa.Table, item_ids: list, top: np.ndarray, ranks:
 
 
 def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[str],
-          embedder: Embedder, cache_dir: Path, ks=KS) -> tuple[pa.Table, dict]:
+          embedder: Embedder, cache_dir: Path, ks=KS,
+          item_scale: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """Parse each sample's first answer, rank the whole catalog for it, compute metrics.
+    `item_scale`: a re-ranker's per-item distance factor (rank_catalog).
 
     An unparsable answer (nothing but whitespace) gets target rank = catalog size, a miss
     at every K; its top-K list is still the nearest items to the empty text, so the
@@ -82,7 +84,8 @@ def score(samples: pa.Table, answers: pa.Table, catalog: pa.Table, groups: list[
     item_emb = catalog_embeddings(embedder, catalog.column("title").to_pylist(), cache_dir)
     queries = [title if title is not None else text.strip() for (title, _), text in zip(parsed, texts)]
     top, ranks = rank_catalog(embedder.embed(queries), item_emb,
-                              np.array([index[t] for t in targets]), topk=min(TOPK, len(item_ids)))
+                              np.array([index[t] for t in targets]), topk=min(TOPK, len(item_ids)),
+                              item_scale=item_scale)
     statuses = [status for _, status in parsed]
     ranks[np.array([s == "unparsable" for s in statuses])] = len(item_ids)
 
@@ -118,11 +121,14 @@ def score_items(samples: pa.Table, item_scores: np.ndarray, catalog: pa.Table,
     return predictions, metrics
 
 
-def write_evaluation(output: Path, predictions: pa.Table, metrics: dict) -> None:
-    """Both files appear together or not at all."""
+def write_evaluation(output: Path, predictions: pa.Table, metrics: dict,
+                     rerank_plan: dict | None = None) -> None:
+    """The files appear together or not at all."""
     with atomic_dir(output) as staging:
         pq.write_table(predictions, staging / "predictions.parquet")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if rerank_plan is not None:
+            (staging / "rerank.json").write_text(json.dumps(rerank_plan, indent=1))
 
 
 def make_embedder(kind: str, policy=None) -> Embedder:
@@ -148,8 +154,10 @@ def load_policy_model(model_dir: str, adapter: str | None = None):
 
 
 def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int | None = None,
-             pool=None) -> dict:
-    """Generate one answer per prompt of `split` with `policy`, then `score` and write."""
+             pool=None, rerank_plan: Path | None = None) -> dict:
+    """Generate one answer per prompt of `split` with `policy`, then `score` and write.
+    With evaluate.rerank on, valid fits the re-ranker (written as rerank.json) and any
+    other split applies the one in `rerank_plan` (that valid evaluation's rerank.json)."""
     from recray.assets import home
     from recray.generate import GenerationPool
 
@@ -165,14 +173,55 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
             pool.close()
     generated = time.time()
     embedder = make_embedder(cfg.evaluate.embedder, policy)
-    predictions, metrics = score(samples, answers, catalog, groups, embedder,
-                                 home() / "cache" / "embeddings")
+    def ground(scale=None):
+        return score(samples, answers, catalog, groups, embedder, home() / "cache" / "embeddings",
+                     item_scale=scale)
+
+    predictions, metrics = ground()
+    plan = None
+    if cfg.evaluate.rerank.enabled:
+        predictions, metrics, plan = rerank_predictions(
+            ground, (predictions, metrics), catalog, cfg.evaluate.rerank,
+            fit=split == "valid", plan_file=rerank_plan)
     metrics["split"] = split
     metrics["engine"] = pool.engine         # the backend that really generated, with version
     metrics["seconds_generate"] = round(generated - start, 1)
     metrics["seconds_score"] = round(time.time() - generated, 1)
-    write_evaluation(output, predictions, metrics)
+    write_evaluation(output, predictions, metrics, plan if split == "valid" else None)
     return metrics
+
+
+def rerank_predictions(ground, plain: tuple[pa.Table, dict], catalog: pa.Table, cfg, fit: bool,
+                       plan_file: Path | None) -> tuple[pa.Table, dict, dict]:
+    """IFairLRS re-ranking (recray.evaluate.rerank) of one evaluation. `ground(scale)`
+    grounds and scores the answers with a distance scale. `fit` (valid): fit π and λ
+    here; else apply the plan in `plan_file`. The metrics keep the plain ranking's too."""
+    from recray.evaluate import rerank
+    if fit:
+        penalty = rerank.item_penalty(rerank.group_unfairness(plain[1], cfg.k),
+                                      catalog.column("categories").to_pylist())
+        results = {0.0: plain, **{lam: ground(rerank.scale(penalty, lam))
+                                  for lam in cfg.lambdas if lam != 0}}
+        lam = rerank.choose_lambda({k: m for k, (_, m) in results.items()}, cfg.k, cfg.ndcg_guard)
+        watched = ("HR@5", "NDCG@5", "DivRatio@5", f"MGU@{cfg.k}")
+        plan = {"lambda": lam, "k": cfg.k, "ndcg_guard": cfg.ndcg_guard, "estimated_on": "valid",
+                "penalty": dict(zip(map(str, catalog.column("item_id").to_pylist()),
+                                    penalty.tolist())),
+                "sweep": [{"lambda": k, **{w: m[w] for w in watched}}
+                          for k, (_, m) in sorted(results.items())]}
+        predictions, metrics = results[lam]
+    else:
+        if plan_file is None or not Path(plan_file).exists():
+            raise RecrayError(f"evaluate.rerank: {plan_file} is missing: the valid split is "
+                              f"evaluated first and fits the re-ranker (evaluate.splits=[valid, test])")
+        plan = json.loads(Path(plan_file).read_text())
+        penalty = np.array([plan["penalty"][str(i)] for i in catalog.column("item_id").to_pylist()])
+        predictions, metrics = (ground(rerank.scale(penalty, plan["lambda"]))
+                                if plan["lambda"] else plain)
+    metrics = {**metrics, "rerank": {"lambda": plan["lambda"], "k": plan["k"],
+                                     "plain": {k: v for k, v in plain[1].items()
+                                               if isinstance(v, float) and "/" not in k}}}
+    return predictions, metrics, plan
 
 
 def metrics_table(metrics: dict, ks=(1, 5)) -> str:

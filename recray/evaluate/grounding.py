@@ -225,8 +225,12 @@ def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rank_catalog(query_emb: np.ndarray, item_emb: np.ndarray, target_index: np.ndarray,
-                 topk: int = 20, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 topk: int = 20, batch_size: int | None = None,
+                 item_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rank all m items for each of q queries by L2 distance, exhaustively.
+
+    `item_scale` (m,) > 0: rank by distance × item_scale[i] instead (a re-ranker's
+    penalty, recray.evaluate.rerank); the true squared distance is scaled by its square.
 
     Order: distance ascending, then item index ascending. Returns
     - topk_indices (q, topk) int64: each query's topk nearest items in that order;
@@ -256,17 +260,26 @@ def rank_catalog(query_emb: np.ndarray, item_emb: np.ndarray, target_index: np.n
     dtype = np.result_type(queries.dtype, items.dtype)
     rows = items.astype(dtype, copy=False)
     first, inverse = _distinct_rows(rows)
-    duplicates = len(first) < m
+    # Scaled items are no longer equal where their rows are: no sharing of scores then.
+    duplicates = len(first) < m and item_scale is None
     distinct = torch.from_numpy(rows[first] if duplicates else rows)
     spread = torch.from_numpy(inverse) if duplicates else None
     sq_norms = (distinct * distinct).sum(1)
     q_all = torch.from_numpy(queries.astype(dtype, copy=False))
+    if item_scale is not None:
+        scale = np.asarray(item_scale, dtype=dtype)
+        if scale.shape != (m,) or not (scale > 0).all():
+            raise ValueError(f"item_scale must be shape ({m},) and positive")
+        scale_sq = torch.from_numpy(scale * scale)
     batch = batch_size or max(1, SCORE_BUDGET // m)
     top = np.empty((len(queries), topk), dtype=np.int64)
     ranks = np.empty(len(queries), dtype=np.int64)
     for start in range(0, len(queries), batch):
         stop = start + batch
         scores = torch.addmm(sq_norms, q_all[start:stop], distinct.T, alpha=-2)
+        if item_scale is not None:      # scaling needs the true (non-negative) distance
+            q = q_all[start:stop]
+            scores = (scores + (q * q).sum(1, keepdim=True)).clamp(min=0) * scale_sq
         if spread is not None:
             scores = scores.index_select(1, spread)
         top[start:stop] = _ordered_topk(scores, topk)
