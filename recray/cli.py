@@ -153,7 +153,6 @@ def cmd_run(args) -> None:
         name = args.name or time.strftime(f"{cfg.loop.method}-%Y%m%d-%H%M%S")
         run_dir = Path(args.runs) / name
     run = run_job(cfg, run_dir, resume=bool(args.resume), force=args.force)
-    print((run.root / "report" / "report.md").read_text())
     print(f"run directory: {run.root}\nreport: {run.root / 'report' / 'report.md'}")
 
 

@@ -22,15 +22,17 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
     """`prepared`: a dataset prepared already for cfg.data (a sweep prepares it once for all
     its trials) instead of the run's own `prepared` stage; `on_iteration`: see run_loop."""
     from recray.data.loaders import load
-    from recray.data.prepare import prepare, summary_table
+    from recray.data.prepare import prepare, prepared_line, summary_table
     from recray.evaluate.report import report
     from recray.loop import run_loop
-    from recray.runlog import to_file
+    from recray.runlog import file_only, to_file
     from recray.runtime import init_ray
 
     config = cfg.model_dump(mode="json")
     seeds = {"data": cfg.data.seed, "loop": cfg.loop.seed, "train": cfg.train.seed,
              "decoding": cfg.generate.decoding.seed}
+    if resume and Path(run_dir).is_dir():        # resume's checks (e.g. corrupt stages) go in it too
+        to_file(Path(run_dir) / "run.log")
     run = RunDir.resume(run_dir, config, force) if resume else RunDir.create(run_dir, config, seeds)
     to_file(run.root / "run.log")
     start = time.time()
@@ -40,7 +42,8 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
             if not run.done("prepared"):
                 with run.stage("prepared") as out:
                     stats = prepare(load(cfg.data), cfg.data, out, overwrite=True)
-                    print(summary_table(stats))
+                    file_only(summary_table(stats))
+                    log.info("prepared: %s", prepared_line(stats))
             prepared = run.path("prepared")
         run_loop(cfg, run, prepared, on_iteration)
         path = report([run.root], run.root / "report")

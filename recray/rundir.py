@@ -293,9 +293,10 @@ class RunDir:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
                                                if len(problems) > 3 else "")
             later = [s for s in moved if s != stage and seq[s] > seq[stage]]
-            log.warning("stage %s is corrupt (%s): moved to %s; it and the %d stage(s) finished "
-                        "after it%s will be redone%s", stage, shown, where[stage], len(later),
-                        f" ({', '.join(later)})" if later else "",
+            redone = (f"it and the {len(later)} stage(s) finished after it ({', '.join(later)})"
+                      if later else "it")
+            log.warning("stage %s is corrupt (%s): moved to %s; %s will be redone%s", stage, shown,
+                        where[stage], redone,
                         "" if seq[stage] else " (its record gives no order: taken as the earliest)")
         self.manifest.setdefault("quarantined", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "moved": where,

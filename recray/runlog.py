@@ -96,6 +96,19 @@ class _Tee:
         return getattr(self.console, name)
 
 
+def adopt_logger(name: str) -> None:
+    """A library logger that prints on its own handlers passes through the root instead
+    (the console filter and the run log)."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = True
+
+
+def file_only(text: str) -> None:
+    """Detail a person may want later but need not read now (e.g. a stats table)."""
+    _write_file(text if text.endswith("\n") else text + "\n")
+
+
 def route_ray_output() -> None:
     """Ray's and Ray Data's loggers print to the console themselves: send them through the
     root logger instead (so through the console filter, and to the file). Ray also prints
@@ -107,9 +120,7 @@ def route_ray_output() -> None:
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     for name in ("ray", "ray.data"):
-        logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = True
+        adopt_logger(name)
     if _state["verbose"] or ray_worker.global_worker.mode != ray_worker.SCRIPT_MODE:
         return
 

@@ -32,10 +32,26 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address)
     else:
-        # address="local" never attaches to a stale /tmp/ray/ray_current_cluster.
-        ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host="127.0.0.1",
-                 include_dashboard=True, log_to_driver=True)
+        # address="local" never attaches to a stale /tmp/ray/ray_current_cluster. The
+        # instance's address is chosen here and given to its workers: Ray Train's cleaner
+        # queries the State API without one and, with two Ray instances on the machine,
+        # cannot tell which is its own.
+        gcs = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+        os.environ["RAY_GCS_SERVER_PORT"] = gcs.rsplit(":", 1)[1]
+        try:
+            ray.init(address="local", num_cpus=cfg.num_cpus, dashboard_host="127.0.0.1",
+                     include_dashboard=True, log_to_driver=True,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": gcs}})
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
     route_ray_output()          # ray.init adds its own printer of worker lines: replace it
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def hide_ray_data_error_logs() -> None:

@@ -40,6 +40,9 @@ def _mlflow_log(cfg: Config, run_root: Path, scalars: dict, step: int) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from recray.runlog import adopt_logger
+    adopt_logger("mlflow")      # its database set-up lines belong in the run log only
+
     client = MlflowClient(mlflow_uri(cfg, run_root))
     id_file = run_root / "mlflow_run_id"
     if id_file.exists():

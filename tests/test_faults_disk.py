@@ -169,6 +169,7 @@ def test_corrupt_stage_is_detected_on_resume_and_redone(clean_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ("stage it0/eval/valid is corrupt (result/predictions.parquet: content differs "
             "(blake2b)): moved to quarantine/it0__eval__valid-") in resumed.stderr
+    assert "; it will be redone" in resumed.stderr       # no stage finished after it
     after = _records(run)
     assert after["prepared"] == before["prepared"]       # the stage before it is kept
     assert after["it0/eval/valid"] != before["it0/eval/valid"]     # redone

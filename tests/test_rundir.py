@@ -132,7 +132,8 @@ def test_a_corrupt_stage_is_quarantined_with_the_stages_after_it(tmp_path, caplo
     assert not run.path("it0/policy").exists() and not run.path("it0/eval/test").exists()
     warning = caplog.text
     assert f"stage it0/policy is corrupt ({problem}): moved to quarantine/it0__policy-" in warning
-    assert "the 2 stage(s) finished after it (it0/eval/valid, it0/eval/test) will be redone" in warning
+    assert ("the 2 stage(s) finished after it (it0/eval/valid, it0/eval/test) will be redone"
+            in warning)
     # Nothing is lost: the corrupt copy and the later stages are in quarantine, as they were.
     moved = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "r" / "quarantine").iterdir()}
     assert set(moved) == {"it0__policy", "it0__eval__valid", "it0__eval__test"}
@@ -155,7 +156,8 @@ def test_a_later_corrupt_stage_leaves_earlier_ones_and_siblings_alone(tmp_path, 
         run = RunDir.resume(tmp_path / "r", {"a": 1})
     assert run.done("prepared") and run.done("it0/policy")
     assert not run.done("it0/eval/valid") and not run.done("it0/eval/test")
-    assert "stage it0/eval/valid is corrupt (result/predictions.parquet: size 12 != 500)" in caplog.text
+    assert ("stage it0/eval/valid is corrupt (result/predictions.parquet: size 12 != 500)"
+            in caplog.text)
     assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "r" / "quarantine").iterdir()) == [
         "it0__eval__test", "it0__eval__valid"]
     assert set(run.manifest["stages"]) == {"prepared", "it0/policy"}
@@ -186,7 +188,8 @@ def test_old_records_without_a_file_list_are_accepted_and_unreadable_ones_are_no
     # An unreadable record says nothing of when its stage finished: it counts as the first,
     # so every stage recorded with an order is redone after it; the old record stays.
     assert not any(run.done(s) for s in ("it0/policy", "it0/eval/valid", "it0/eval/test"))
-    assert run.manifest["quarantined"][0]["corrupt"] == {"it0/eval/test": [".stage.json: unreadable"]}
+    assert run.manifest["quarantined"][0]["corrupt"] == {
+        "it0/eval/test": [".stage.json: unreadable"]}
     assert "(its record gives no order: taken as the earliest)" in caplog.text
 
 

@@ -396,6 +396,15 @@ def _write(output: Path, subsets: dict[str, pa.Table], catalog: pa.Table, groups
         (staging / "stats.json").write_text(json.dumps(stats, indent=1))
 
 
+def prepared_line(stats: dict) -> str:
+    """The table below in one line: what was kept, what was dropped, what was written."""
+    i, s = stats["interactions"], stats["samples"]
+    return (f"{i['used']:,} of {i['read']:,} interactions used ({i['read'] - i['used']:,} "
+            f"dropped), {stats['users']['kept']:,} users, {stats['catalog']['items_kept']:,} "
+            f"items; subsets train/valid/test {s['train_subset']}/{s['valid_subset']}/"
+            f"{s['test_subset']} in {stats['seconds']} s")
+
+
 def summary_table(stats: dict) -> str:
     """The human-readable end of `recray prepare`."""
     i, u, s = stats["interactions"], stats["users"], stats["samples"]
