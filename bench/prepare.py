@@ -2,7 +2,7 @@
 of the same protocol (spec §1) that writes the same files, on synthetic logs with Zipf
 item popularity.
 
-    python bench/prepare.py --sizes 1000000 10000000
+    python bench/prepare.py --sizes 1000000 10000000 --cpus 1 2
 
 Both run as child processes, one at a time; a sampler in this process records the
 machine's peak memory in use above the idle baseline (Ray's object store lives in
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -212,9 +213,23 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return seconds, sampler.peak / 2**30
 
 
+def crossing(t1: float, t2: float, pandas_s: float) -> str:
+    """Where recray would match pandas, by Amdahl's law fitted to its 1- and 2-CPU times:
+    T(n) = serial + parallel / n."""
+    parallel = 2 * (t1 - t2)
+    serial = t1 - parallel
+    if parallel <= 0:
+        return "never (2 CPUs are no faster than 1)"
+    if serial >= pandas_s:
+        return f"never (its serial part, {serial:.0f} s, is already above pandas)"
+    return f"~{parallel / (pandas_s - serial):.1f} CPUs (serial {serial:.0f} s + {parallel:.0f} s / n)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--cpus", type=int, nargs="+", default=[2],
+                        help="Ray CPUs for recray (ray.num_cpus); e.g. --cpus 1 2")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--pandas-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
@@ -225,29 +240,52 @@ def main() -> None:
         return
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="recray-bench-"))
-    rows = []
+    rows, phases = [], []
     for n in args.sizes:
-        data = synthetic_log(n, work / f"log-{n}")
+        data = work / f"log-{n}"
+        if not (data / "catalog.parquet").exists():
+            synthetic_log(n, data)
+        shutil.rmtree(work / f"pandas-{n}", ignore_errors=True)
         pandas_s, pandas_gb = timed([sys.executable, __file__, "--pandas-only",
                                      "--log", str(data), "--out", str(work / f"pandas-{n}")])
-        recray_out = work / f"recray-{n}"
-        ray_s, ray_gb = timed(["recray", "prepare", "--format", "table",
-                               "--input", str(data / "log"), "--output", str(recray_out),
-                               f"data.catalog={data / 'catalog.parquet'}"])
-        different = differences(work / f"pandas-{n}", recray_out)
-        if different:
-            raise SystemExit(f"{n} rows: recray and pandas differ in {', '.join(different)}")
-        rows.append((n, pandas_s, pandas_gb, ray_s, ray_gb))
-        print(f"done {n:,} rows", flush=True)
+        for cpus in args.cpus:
+            recray_out = work / f"recray-{n}-{cpus}cpu"
+            shutil.rmtree(recray_out, ignore_errors=True)
+            ray_s, ray_gb = timed(["recray", "prepare", "--format", "table",
+                                   "--input", str(data / "log"), "--output", str(recray_out),
+                                   f"data.catalog={data / 'catalog.parquet'}",
+                                   f"ray.num_cpus={cpus}"])
+            different = differences(work / f"pandas-{n}", recray_out)
+            if different:
+                raise SystemExit(f"{n} rows: recray and pandas differ in {', '.join(different)}")
+            stats = json.loads((recray_out / "stats.json").read_text())
+            rows.append((n, cpus, pandas_s, pandas_gb, ray_s, ray_gb))
+            phases.append((n, cpus, ray_s, stats["seconds"], stats["timings"]))
+            print(f"done {n:,} rows, {cpus} CPU(s)", flush=True)
 
     print(f"\nmachine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           "memory = peak machine memory in use above idle")
-    print("| rows | pandas s | pandas rows/s | pandas peak GiB | recray (Ray Data) s "
+    print("| rows | recray CPUs | pandas s | pandas rows/s | pandas peak GiB | recray (Ray Data) s "
           "| recray rows/s | recray peak GiB | time ratio recray/pandas | same output |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, ps, pg, rs, rg in rows:
-        print(f"| {n:,} | {ps:.1f} | {n / ps:,.0f} | {pg:.2f} | {rs:.1f} | {n / rs:,.0f} "
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, cpus, ps, pg, rs, rg in rows:
+        print(f"| {n:,} | {cpus} | {ps:.1f} | {n / ps:,.0f} | {pg:.2f} | {rs:.1f} | {n / rs:,.0f} "
               f"| {rg:.2f} | {rs / ps:.2f} | yes |")
+
+    print("\nwhere recray's time goes (stats.json timings; 'outside prepare()': interpreter, "
+          "imports, Ray start and shutdown, loader set-up, writing)")
+    names = list(phases[0][4])
+    print("| rows | CPUs | " + " | ".join(names) + " | outside prepare() | total s |")
+    print("|---" * (len(names) + 4) + "|")
+    for n, cpus, wall, inside, t in phases:
+        print(f"| {n:,} | {cpus} | " + " | ".join(f"{t[k]:.1f}" for k in names)
+              + f" | {wall - sum(t.values()):.1f} | {wall:.1f} |")
+    by = {(n, c): rs for n, c, _, _, rs, _ in rows}
+    pandas_s = {n: ps for n, _, ps, *_ in rows}
+    for n in args.sizes:
+        if (n, 1) in by and (n, 2) in by:
+            print(f"{n:,} rows: recray would match pandas ({pandas_s[n]:.1f} s) at "
+                  f"{crossing(by[n, 1], by[n, 2], pandas_s[n])}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,21 @@ class InitialSftConfig(StepConfig):
     epochs: float = Field(4, gt=0)
 
 
+class RoseConfig(Strict):
+    """RosePO's smoothing ε_x = eps_max·σ(−(log π_ref(y_w) − log π_ref(y_l)) / temperature)."""
+    eps_max: float = Field(0.2, ge=0, lt=0.5)   # ε ≥ 0.5 would reward the negative
+    temperature: float = Field(1.0, gt=0)
+
+
+class GdrtConfig(Strict):
+    """GDRT (seed-methods.md §2): π_0's SFT as group DRO over answer tokens grouped by how
+    predictable they are without the user (a_t under a scorer, terciles)."""
+    tau: float = Field(1.0, gt=0)           # q = softmax(L̄ / tau): ∞ group-balanced, 0 worst group
+    groups: int = Field(3, ge=2)            # global quantile groups of a_t
+    ema: float = Field(0.9, ge=0, lt=1)     # decay of the group losses q is computed from
+    scorer: str | None = None               # a BIGRec π_0 adapter (or model) folder; None: train one
+
+
 class TrainConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -116,9 +131,15 @@ class TrainConfig(Strict):
     dpo: StepConfig = Field(default_factory=StepConfig)
     beta: float = Field(0.1, gt=0)
     max_negatives: int | None = Field(None, ge=1)   # use at most this many rejected answers per prompt
-    # How DPO scores a prompt's N rejected answers: softmax (S-DPO, SPRec's) or mean_reward
-    # (DMPO: chosen reward against their mean reward); the same DPO loss for N = 1.
-    multi_negative_loss: Literal["softmax", "mean_reward"] = "softmax"
+    # How DPO scores a prompt's N rejected answers: softmax (S-DPO, SPRec's), mean_reward
+    # (DMPO: chosen reward against their mean reward), both DPO for N = 1; or rosepo
+    # (RosePO: DPO pairs with a personalised label smoothing, train.rosepo).
+    multi_negative_loss: Literal["softmax", "mean_reward", "rosepo"] = "softmax"
+    rosepo: RoseConfig = Field(default_factory=RoseConfig)
+    gdrt: GdrtConfig = Field(default_factory=GdrtConfig)   # loop.method=gdrt
+    # DPO computes each prompt once for all its answers (a block attention mask; sdpa or
+    # eager attention); false: one row per answer, TRL's layout (1 + N prompt passes).
+    dpo_shared_prompt: bool = True
     reweight: bool = False                 # IFairLRS RW: per-sample SFT weights from group shares
     max_length: int = Field(512, ge=8)     # prompt + answer tokens; history is cut from the left
     per_device_batch_size: int = Field(4, ge=1)
@@ -184,7 +205,8 @@ class GenerateConfig(Strict):
     start_timeout_s: float = Field(900, gt=0)
     # negatives (spec §3)
     n_negatives: int = Field(1, ge=1)       # N; 2N candidates are decoded
-    source: Literal["self", "random"] = "self"   # random: SPRec-RN, DMPO, SDPO
+    # random: SPRec-RN, DMPO, SDPO; semantic: the catalog titles nearest the target (RosePO)
+    source: Literal["self", "random", "semantic"] = "self"
     random_ratio: float = Field(0.0, ge=0, le=1)  # rho: share of self-play negatives made random
     ground: bool = False                    # replace each negative by its nearest catalog title
     fill_short: bool = True                 # top up rows short of N with random catalog items
@@ -217,7 +239,7 @@ class EvaluateConfig(Strict):
 class LoopConfig(Strict):
     """The self-play loop (spec §3); `method` picks the baseline or ablation."""
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
-                    "sdpo", "rw", "mostpop", "random", "sasrec"] = "sprec"
+                    "sdpo", "rosepo", "rw", "gdrt", "mostpop", "random", "sasrec"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2
     init_from: str | None = None            # an earlier run whose π_0 (and its evaluation) to reuse
     iterations: int = Field(5, ge=0)        # T

@@ -41,11 +41,14 @@ class Method:
     loop: bool = True           # False: π_0 only
     sft: bool = True            # the in-loop SFT step
     dpo: bool = True            # the DPO step
-    negatives: str = "self"     # "self": the policy's answers; "random": catalog titles
+    negatives: str = "self"     # "self": the policy's answers; "random": catalog titles;
+                                # "semantic": the catalog titles nearest the target
     k: int | None = None        # negatives per prompt when generate.n_negatives is not set
     dmpo: bool = False          # DMPO's objective over the k negatives (loop.dmpo_form)
     one_pass: bool = False      # DMPO, SDPO: a single DPO pass (T = 1)
     reweight: bool = False      # RW (IFairLRS): re-weighted initial SFT
+    loss: str | None = None     # its DPO loss (train.multi_negative_loss), e.g. RosePO's
+    gdrt: bool = False          # GDRT: π_0's SFT is group DRO over answer-token groups
     recommender: str | None = None   # a reference row with no LLM (recray.conventional)
 
 
@@ -61,6 +64,11 @@ METHODS = {
                    one_pass=True),
     "sdpo": Method("one DPO pass after π_0, k = 3 random negatives, softmax (S-DPO) loss",
                    sft=False, negatives="random", k=3, one_pass=True),
+    "rosepo": Method("one DPO pass after π_0 against the catalog title nearest each target, "
+                     "with RosePO's personalised label smoothing (train.rosepo)", sft=False,
+                     negatives="semantic", one_pass=True, loss="rosepo"),
+    "gdrt": Method("initial SFT as group DRO over answer tokens grouped by how predictable "
+                   "they are without the history (train.gdrt)", loop=False, gdrt=True),
     "rw": Method("initial SFT with IFairLRS re-weighting only", loop=False, reweight=True),
     "mostpop": Method("no LLM: the most frequent train-split targets, the same list for "
                       "everyone", loop=False, recommender="mostpop"),
@@ -74,7 +82,7 @@ METHODS = {
 def method_config(cfg: Config) -> Config:
     """`cfg` with its method's switches applied, as every stage of the run sees it: RW's
     re-weighting, the method's negatives and their number k (unless generate.n_negatives
-    is set), and DMPO's loss."""
+    is set), and its DPO loss (DMPO's, RosePO's)."""
     method = METHODS[cfg.loop.method]
     out = cfg.model_copy(deep=True)
     out.train.reweight = cfg.train.reweight or method.reweight
@@ -83,6 +91,8 @@ def method_config(cfg: Config) -> Config:
         out.generate.n_negatives = method.k
     if method.dmpo and cfg.loop.dmpo_form == "mean_reward":
         out.train.multi_negative_loss = "mean_reward"
+    if method.loss:
+        out.train.multi_negative_loss = method.loss
     return out
 
 
@@ -153,6 +163,7 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
     from recray import train
     from recray.generate import GenerationPool
     from recray.generate.negatives import make_negatives
+    from recray.train.token_groups import gdrt_sft_data
 
     check_config(cfg)
     cfg = method_config(cfg)
@@ -174,10 +185,11 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
         if cfg.loop.init_from:
             reuse_initial_policy(run, Path(cfg.loop.init_from), cfg, pool.engine)
         elif not run.done("it0/policy"):
+            data = gdrt_sft_data(run, cfg, base, prepared) if method.gdrt else prepared
             with run.stage("it0/policy") as out:
-                train.sft(base, prepared, out, cfg, phase="initial")
+                train.sft(base, data, out, cfg, phase="initial")
         policy = _trained_policy(base, run.path("it0/policy"), cfg)
-        metrics = _evaluate(run, 0, cfg, "rw" if cfg.train.reweight else "bigrec",
+        metrics = _evaluate(run, 0, cfg, initial_policy(cfg.model_dump(mode="json")),
                             _llm_evaluator(policy, pool, cfg, prepared,
                                            run.path("it0/eval/valid")))
         if on_iteration:
@@ -241,6 +253,13 @@ INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "tr
                        "generate.constrain_to_catalog", "evaluate")
 
 
+def initial_policy(config: dict) -> str:
+    """What a run's π_0 is (its row name): bigrec, rw or gdrt; `config` effective."""
+    if METHODS[config["loop"]["method"]].gdrt:
+        return "gdrt"
+    return "rw" if config["train"]["reweight"] else "bigrec"
+
+
 def effective_config(config: dict) -> dict:
     """A run's config (as in its manifest) as its stages saw it (method_config)."""
     return method_config(Config.model_validate(config)).model_dump(mode="json")
@@ -264,6 +283,10 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
             differences += config_diff(a, b, key + ".")
         elif a != b:
             differences.append(f"{key}: {a!r} -> {b!r}")
+    if initial_policy(theirs) != initial_policy(ours):
+        differences.append(f"π_0: {initial_policy(theirs)!r} -> {initial_policy(ours)!r}")
+    elif initial_policy(ours) == "gdrt":
+        differences += config_diff(theirs["train"]["gdrt"], ours["train"]["gdrt"], "train.gdrt.")
     their_backend = manifest.get("generation_engine", {}).get("backend",
                                                              _pick(theirs, "generate.backend"))
     if their_backend != engine["backend"]:

@@ -180,3 +180,47 @@ def test_bad_inputs(tmp_path):
                        cfg.model_copy(update={"source": "random"}), tmp_path, 0)
     with pytest.raises(RecrayError, match="need a generation pool"):
         make_negatives(None, samples_table(2), None, CATALOG, cfg, tmp_path, 0)
+
+
+def test_semantic_negatives_are_the_nearest_catalog_titles_skipping_target_and_history(tmp_path):
+    """RosePO's negatives: the catalog titles nearest each target by the grounding embedder,
+    checked against a brute-force L2 order of the same embeddings; a history title that
+    would be among them is skipped (and counted)."""
+    from recray.assets import embedder_dir
+    from recray.evaluate.grounding import SentenceEmbedder
+
+    titles = ["Toy Story (1995)", "Toy Story 2 (1999)", "Toy Soldiers (1991)", "Heat (1995)",
+              "Heat and Dust (1983)", "Alien (1979)", "Aliens (1986)", "Fargo (1996)",
+              "Casablanca (1942)", "Clueless (1995)"]
+    catalog = pa.table({"item_id": [f"i{k}" for k in range(len(titles))], "title": titles})
+    samples = pa.table({"sample_id": ["a", "b", "c"], "prompt": ["p a", "p b", "p c"],
+                        "target_title": ["Toy Story (1995)", "Alien (1979)", "Heat (1995)"],
+                        "history_titles": [["Fargo (1996)"], ["Aliens (1986)"], []]})
+    cfg = GenerateConfig(n_negatives=2, source="semantic")
+    result = make_negatives(None, samples, None, catalog, cfg, tmp_path, seed=0)
+
+    ordered = sorted(titles)
+    emb = SentenceEmbedder(embedder_dir()).embed(ordered)
+    expected = []
+    for target, history in zip(samples["target_title"].to_pylist(),
+                                samples["history_titles"].to_pylist()):
+        dist = ((emb - emb[ordered.index(target)]) ** 2).sum(axis=1)
+        near = [ordered[i] for i in np.argsort(dist, kind="stable")]
+        expected.append([q(t) for t in near if t != target and t not in history][:2])
+    rows = result.table.to_pylist()
+    assert [r["rejected"] for r in rows] == expected
+    assert rows[0]["rejected"][0] == q("Toy Story 2 (1999)")
+    assert q("Aliens (1986)") not in rows[1]["rejected"]          # in b's history
+    assert result.stats["skipped_history"] >= 1
+    assert all(r["source"] == "semantic" and r["rejected_scores"] == [None, None] for r in rows)
+    assert result.stats["filled_random"] == 0
+
+
+def test_semantic_negatives_need_history_titles_and_catalog_targets(tmp_path):
+    cfg = GenerateConfig(n_negatives=1, source="semantic")
+    with pytest.raises(RecrayError, match="history_titles"):
+        make_negatives(None, samples_table(2), None, CATALOG, cfg, tmp_path / "a", seed=0)
+    samples = samples_table(2).append_column("history_titles", pa.array([[], []], pa.list_(pa.string())))
+    samples = samples.set_column(2, "target_title", pa.array(["Movie 1 (1951)", "Not A Title"]))
+    with pytest.raises(RecrayError, match="Not A Title"):
+        make_negatives(None, samples, None, CATALOG, cfg, tmp_path / "b", seed=0)

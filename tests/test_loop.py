@@ -78,7 +78,8 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
 
 def test_methods_cover_the_paper():
     assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
-                            "dmpo", "sdpo", "rw", "mostpop", "random", "sasrec"}
+                            "dmpo", "sdpo", "rosepo", "gdrt", "rw", "mostpop", "random",
+                            "sasrec"}
     assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"
     assert not METHODS["sprec-nodpo"].dpo and not METHODS["sprec-nosft"].sft
     table = (ROOT / "docs" / "loop.md").read_text()
@@ -90,9 +91,9 @@ def test_methods_cover_the_paper():
         assert f"| `{name}` | {method.about} |" in table
 
 
-def test_dmpo_and_sdpo_take_k_random_negatives_and_their_own_losses():
+def test_dmpo_sdpo_rosepo_take_their_negatives_and_their_own_losses():
     from recray.config import load_config
-    from recray.loop import method_config, pairs_per_negative
+    from recray.loop import method_config, pairs_per_negative, planned_iterations
     sdpo = method_config(load_config(None, ["loop.method=sdpo"]))
     assert (sdpo.generate.n_negatives, sdpo.generate.source) == (3, "random")
     assert sdpo.train.multi_negative_loss == "softmax"
@@ -103,6 +104,9 @@ def test_dmpo_and_sdpo_take_k_random_negatives_and_their_own_losses():
     assert pairs.train.multi_negative_loss == "softmax" and pairs_per_negative(pairs)
     assert method_config(load_config(None, ["loop.method=dmpo", "generate.n_negatives=2"])
                          ).generate.n_negatives == 2                    # the user's k wins
+    rosepo = method_config(load_config(None, ["loop.method=rosepo"]))
+    assert (rosepo.generate.n_negatives, rosepo.generate.source) == (1, "semantic")
+    assert rosepo.train.multi_negative_loss == "rosepo" and planned_iterations(rosepo) == 1
     sprec = method_config(load_config(None, []))
     assert (sprec.generate.n_negatives, sprec.generate.source) == (1, "self")
     assert method_config(load_config(None, ["loop.method=rw"])).train.reweight
@@ -237,6 +241,31 @@ def test_full_fine_tuning_runs_the_loop_with_the_sft_model_as_reference(tiny_run
     assert dpo["first_step_rewards"] == {"chosen": 0.0, "rejected": 0.0}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["iteration"]) for r in rows] == [("bigrec", 0), ("sprec", 1)]
+
+
+def test_gdrt_trains_its_scorer_then_pi0_on_token_groups_and_logs_the_groups(tiny_run_overrides,
+                                                                           tmp_path):
+    """loop.method=gdrt: BIGRec's π_0 as the scorer (gdrt/scorer), the train split's token
+    groups (gdrt/groups), then π_0's SFT as group DRO with per-group losses and q logged."""
+    run = tmp_path / "runs" / "gdrt"
+    done = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--runs", str(tmp_path / "runs"),
+                           "--name", "gdrt", *tiny_run_overrides, "loop.method=gdrt",
+                           "train.logging_steps=1", "tracking.mlflow=false", "evaluate.splits=[test]"],
+                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((run / "gdrt" / "groups" / "groups_stats.json").read_text())
+    assert stats["scorer"] == str(run / "gdrt" / "scorer" / "adapter")
+    assert [g["group"] for g in stats["groups"]] == [0, 1, 2] and stats["samples"] == 16
+    means = [g["mean_aux_logp"] for g in stats["groups"]]
+    assert means == sorted(means)                   # group 2: the most predictable tokens
+    history = [json.loads(line) for line in (run / "it0/policy/train_log.jsonl").read_text().splitlines()]
+    steps = [h for h in history if "loss" in h]
+    assert steps and all(sum(h[f"gdrt/q_g{k}"] for k in range(3)) == pytest.approx(1, abs=1e-5)
+                         for h in steps)
+    assert all("gdrt/loss_g0" in h for h in steps)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["iteration"]) for r in rows] == [("gdrt", 0)]
 
 
 def test_loop_on_vllm_with_beam_negatives_records_its_engine_and_prints_a_readable_log(

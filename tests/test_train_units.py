@@ -66,6 +66,25 @@ def test_dmpo_loss_matches_hand_computed_value_and_is_dpo_for_one_negative():
     assert torch.allclose(dmpo_loss(chosen, rejected, one, 0.5), sdpo_loss(chosen, rejected, one, 0.5))
 
 
+def test_rosepo_loss_hand_values_and_zero_smoothing_is_dpo():
+    from recray.train.losses import personal_smoothing, rosepo_loss
+    chosen, rejected = torch.tensor([0.4, -0.2]), torch.tensor([[0.1, 9.0], [0.3, -0.5]])
+    mask = torch.tensor([[True, False], [True, True]])
+    eps = personal_smoothing(torch.tensor([-3.0, -2.0]), torch.tensor([[-4.0, 0.0], [-1.0, -3.0]]),
+                             mask, eps_max=0.2, temperature=2.0)
+    # prompt 0: ref margin -3 - (-4) = 1 -> 0.2 σ(-0.5); prompt 1: -2 - (-2) = 0 -> 0.1
+    assert eps.tolist() == pytest.approx([0.2 / (1 + math.exp(0.5)), 0.1])
+    loss = rosepo_loss(chosen, rejected, mask, 0.5, eps)
+
+    def pair(delta: float, e: float) -> float:
+        return (1 - e) * math.log1p(math.exp(-0.5 * delta)) + e * math.log1p(math.exp(0.5 * delta))
+    assert loss.tolist() == pytest.approx([pair(0.3, eps[0].item()),
+                                           (pair(-0.5, 0.1) + pair(0.3, 0.1)) / 2])
+    no_smoothing = rosepo_loss(chosen, rejected[:, :1], mask[:, :1], 0.5, torch.zeros(2))
+    assert no_smoothing.tolist() == pytest.approx(
+        sdpo_loss(chosen, rejected[:, :1], mask[:, :1], 0.5).tolist())
+
+
 def test_sdpo_gradient_pushes_chosen_up_and_rejected_down():
     chosen = torch.tensor([0.0], requires_grad=True)
     rejected = torch.tensor([[0.0, 0.0]], requires_grad=True)
@@ -119,7 +138,8 @@ def _randomize_lora(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path):
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path, shared_prompt):
     import datasets
     from trl import DPOTrainer
 
@@ -131,7 +151,7 @@ def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path):
     neg = pd.read_parquet(make_negatives(prepared / "train", tmp_path / "neg.parquet"))
     rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
             for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:4]
-    job = make_job("dpo", model_dir, tmp_path)
+    job = make_job("dpo", model_dir, tmp_path, dpo_shared_prompt=shared_prompt)
     ours = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "ours"))
     model, tok, peft = load_policy(job)
     theirs = DPOTrainer(model=model, args=training_args(job, str(tmp_path / "trl")), processing_class=tok,
@@ -150,12 +170,17 @@ def test_sdpo_trainer_with_one_negative_equals_trl_dpo_trainer(tiny, tmp_path):
         assert ours._metrics["train"][key][-1] == pytest.approx(theirs._metrics["train"][key][-1], abs=1e-6)
 
 
-@pytest.mark.parametrize("loss_name", ["softmax", "mean_reward"])
-def test_dpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp_path, loss_name):
+@pytest.mark.parametrize("loss_name,shared_prompt", [("softmax", True), ("mean_reward", True),
+                                                     ("rosepo", True), ("softmax", False)])
+def test_dpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp_path, loss_name,
+                                                                       shared_prompt):
     """The trainer's loss for N = 3 (one prompt with 2), recomputed by hand: each answer's
     log-probability under the policy and the reference (adapter off) from plain
     one-sequence forwards, then S-DPO's mean_b log(1 + Σ_j exp(β (h_lj − h_w))) or DMPO's
-    mean_b log(1 + exp(−β (h_w − mean_j h_lj)))."""
+    mean_b log(1 + exp(−β (h_w − mean_j h_lj))), or RosePO's mean_j of
+    −[(1−ε) log σ(βΔ_j) + ε log σ(−βΔ_j)] with ε = 0.3·σ(−(ref_w − mean_j ref_lj)/0.5).
+    Both layouts (the prompt shared by all answers of a row, or one row per answer) must
+    give it."""
     import datasets
     import pandas as pd
 
@@ -167,7 +192,8 @@ def test_dpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp
     rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
             for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:4]
     rows[2]["rejected"] = rows[2]["rejected"][:2]
-    job = make_job("dpo", model_dir, tmp_path, beta=0.5, multi_negative_loss=loss_name)
+    job = make_job("dpo", model_dir, tmp_path, beta=0.5, multi_negative_loss=loss_name,
+                   dpo_shared_prompt=shared_prompt, rosepo={"eps_max": 0.3, "temperature": 0.5})
     trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "ours"))
     _randomize_lora(trainer.model, seed=3)
     model, tok = trainer.model.eval(), trainer.processing_class
@@ -183,16 +209,25 @@ def test_dpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp
             logps = torch.log_softmax(model(torch.tensor([full])).logits[0, :-1], dim=-1)
             return sum(logps[t - 1, full[t]].item() for t in range(start, len(full)))
 
-        def h(prompt: str, answer: str) -> float:
+        def h(prompt: str, answer: str) -> tuple[float, float]:
             policy = answer_logp(prompt, answer)
             with model.disable_adapter():
-                return policy - answer_logp(prompt, answer)
+                reference = answer_logp(prompt, answer)
+            return policy - reference, reference
+
+        def logsigmoid(x: float) -> float:
+            return -math.log1p(math.exp(-x))
 
         by_hand = []
         for r in rows:
-            chosen = h(r["prompt"], r["chosen"])
-            rejected = [h(r["prompt"], a) for a in r["rejected"]]
-            if loss_name == "softmax":
+            chosen, ref_chosen = h(r["prompt"], r["chosen"])
+            rejected, ref_rejected = zip(*[h(r["prompt"], a) for a in r["rejected"]])
+            if loss_name == "rosepo":
+                eps = 0.3 / (1 + math.exp((ref_chosen - sum(ref_rejected) / len(ref_rejected)) / 0.5))
+                pairs = [-((1 - eps) * logsigmoid(0.5 * (chosen - x)) + eps * logsigmoid(-0.5 * (chosen - x)))
+                         for x in rejected]
+                by_hand.append(sum(pairs) / len(pairs))
+            elif loss_name == "softmax":
                 by_hand.append(math.log1p(sum(math.exp(0.5 * (x - chosen)) for x in rejected)))
             else:
                 by_hand.append(math.log1p(math.exp(-0.5 * (chosen - sum(rejected) / len(rejected)))))
@@ -287,3 +322,100 @@ def test_deepspeed_file_that_agrees_is_merged(tmp_path):
 def test_offload_without_zero_is_refused():
     with pytest.raises(ConfigError, match="offload_optimizer needs"):
         deepspeed_config(_train(deepspeed={"offload_optimizer": True}))
+
+
+# ---------------------------------------------------------------- GDRT
+
+def test_group_dro_token_loss_hand_values():
+    from recray.train.losses import group_dro_token_loss
+    logps = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-3.0, -1.0, 0.0, 0.0]], requires_grad=True)
+    groups = torch.tensor([[0, 1, 1, -1], [0, 0, -1, -1]])
+    loss, group_loss, q, ema = group_dro_token_loss(logps, groups, n_groups=3, tau=0.5, ema=None)
+    # L_0 = (1 + 3 + 1) / 3, L_1 = (2 + 0.5) / 2, group 2 absent
+    l0, l1 = 5 / 3, 1.25
+    assert group_loss[:2].tolist() == pytest.approx([l0, l1]) and torch.isnan(group_loss[2])
+    q0 = math.exp(l0 / 0.5) / (math.exp(l0 / 0.5) + math.exp(l1 / 0.5))
+    assert q.tolist() == pytest.approx([q0, 1 - q0, 0.0])
+    assert loss.item() == pytest.approx(q0 * l0 + (1 - q0) * l1)
+    loss.backward()                           # ∇ = Σ_g q_g ∇L_g: a group-0 token gets −q0/3
+    assert logps.grad[0, 0].item() == pytest.approx(-q0 / 3)
+    assert logps.grad[0, 1].item() == pytest.approx(-(1 - q0) / 2)
+    # The EMA: group 1 seen again with loss 3.25 -> 0.9·1.25 + 0.1·3.25; group 2 first seen.
+    _, _, _, ema2 = group_dro_token_loss(torch.tensor([[-3.25, -7.0]]), torch.tensor([[1, 2]]),
+                                         3, 0.5, ema)
+    assert ema2.tolist() == pytest.approx([l0, 0.9 * 1.25 + 0.1 * 3.25, 7.0])
+    # Huge τ: the group-balanced mean; one group: the token mean.
+    flat, *_ = group_dro_token_loss(logps.detach(), groups, 3, 1e9, None)
+    assert flat.item() == pytest.approx((l0 + l1) / 2)
+    single, *_ = group_dro_token_loss(logps.detach(), groups.clamp(max=0), 3, 1.0, None)
+    assert single.item() == pytest.approx(7.5 / 5)
+
+
+def test_gdrt_sft_trainer_loss_by_hand_and_one_group_is_trl_loss(tiny, tmp_path):
+    """token_groups reach the loss at the right label positions: with one group the
+    trainer's loss is TRL's; with groups by token parity it is the hand-computed DRO loss."""
+    import datasets
+    import pandas as pd
+
+    from recray.train.token_groups import answer_tokens
+    from recray.train.worker import make_trainer
+
+    model_dir, prepared = tiny
+    df = pd.read_parquet(prepared / "train").head(4)
+    plain = [{"prompt": p, "completion": c} for p, c in zip(df["prompt"], df["completion"])]
+    job = make_job("sft", model_dir, tmp_path, gdrt={"tau": 0.7, "groups": 2, "ema": 0.9})
+    trl = make_trainer(job, datasets.Dataset.from_list(plain), str(tmp_path / "a"))
+    tok = trl.processing_class
+    split = [answer_tokens(tok, r["prompt"], r["completion"]) for r in plain]
+    answers = [a for _, a in split]
+
+    def loss(rows, directory) -> tuple[float, object]:
+        trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / directory))
+        _randomize_lora(trainer.model, seed=2)
+        trainer.model.eval()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item(), trainer
+
+    reference, _ = loss(plain, "a")
+    one, _ = loss([{**r, "token_groups": [0] * len(a)} for r, a in zip(plain, answers)], "b")
+    assert one == pytest.approx(reference, abs=1e-6)
+    parity = [[t % 2 for t in range(len(a))] for a in answers]
+    value, trainer = loss([{**r, "token_groups": g} for r, g in zip(plain, parity)], "c")
+    model = trainer.model
+    with torch.no_grad():
+        nll = {0: [], 1: []}
+        for (context, a), g in zip(split, parity):
+            logps = torch.log_softmax(model(torch.tensor([context + a])).logits[0], -1)
+            for t, (token, group) in enumerate(zip(a, g)):
+                nll[group].append(-logps[len(context) + t - 1, token].item())
+    l0, l1 = (sum(v) / len(v) for v in (nll[0], nll[1]))
+    q0 = 1 / (1 + math.exp((l1 - l0) / 0.7))
+    assert value == pytest.approx(q0 * l0 + (1 - q0) * l1, abs=1e-5)
+
+
+def test_token_groups_align_with_the_trainer_and_split_by_quantiles(tiny, tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from recray.train.token_groups import score_token_groups
+    from recray.train.worker import make_trainer
+
+    model_dir, prepared = tiny
+    train = pq.read_table(prepared / "train")
+    table, stats = score_token_groups(train, str(model_dir), str(model_dir), "movie", 3)
+    groups = table.column("token_groups").to_pylist()
+    aux = table.column("aux_logp").to_pylist()
+    assert [len(g) for g in groups] == [len(a) for a in aux]
+    counts = [s["tokens"] for s in stats["groups"]]
+    assert sum(counts) == stats["tokens"] and min(counts) > 0      # ties can unbalance them
+    flat = sorted(zip((x for a in aux for x in a), (g for gs in groups for g in gs)))
+    assert [g for _, g in flat] == sorted(g for _, g in flat)       # groups ordered by a_t
+    # The trainer's label positions take exactly these groups (the collator checks counts).
+    rows = [{"prompt": p, "completion": c, "token_groups": g}
+            for p, c, g in zip(train.column("prompt").to_pylist(),
+                               train.column("completion").to_pylist(), groups)]
+    job = make_job("sft", model_dir, tmp_path)
+    trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "t"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    assert ((batch["token_groups"] >= 0) == (batch["labels"] != -100)).all()

@@ -293,13 +293,17 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     if output.exists() and not overwrite:
         raise RecrayError(f"{output} already exists: choose another --output or pass --overwrite")
     start = time.time()
+    timings: dict[str, float] = {}       # seconds per phase, in stats.json: where the time goes
+    lap = _stopwatch(timings)
     catalog, catalog_drops = clean_catalog(source.catalog)
     catalog, n_article_first = shown_titles(catalog, cfg.title_form)
     all_ids = set(source.catalog.column("item_id").to_pylist())
     empty_title_items = pa.array(sorted(all_ids - set(catalog.column("item_id").to_pylist())),
                                  pa.string())
 
+    lap("catalog")
     users = _collect_users(source, catalog, empty_title_items, cfg)
+    lap("read, classify, shuffle by user, per-user summaries")
     user_stats = _gather(users, ["n_raw", "n_bad_row", "n_unknown_item", "n_empty_title",
                                  "n_duplicate", "n_valid"])
     totals = {name: int(pc.sum(user_stats.column(name)).as_py() or 0)
@@ -312,6 +316,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
                         f"{int(n_valid.max()) if len(n_valid) else 0} each")
     examples = pc.list_flatten(_gather(users, ["examples"]).column("examples")).to_pylist()
     examples = sorted(examples)[:4 * MAX_EXAMPLES]      # sorted: the same whatever the blocks
+    lap("counts to the driver")
 
     keys = _gather(users.map_batches(_sample_keys, batch_format="pyarrow"))
     sample_ids = keys.column("sample_id").to_numpy(zero_copy_only=False)
@@ -320,6 +325,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     sizes = dict(zip(SPLITS, (cfg.n_train, cfg.n_valid, cfg.n_test)))
     chosen = {name: sample_ids[choose_subset(hashes, split == i, sizes[name])].tolist()
               for i, name in enumerate(SPLITS)}
+    lap("sample keys to the driver, split, subsets")
 
     train_target_items = keys.column("target_item_id").filter(pa.array(split == 0)).to_pylist()
     n_samples = keys.num_rows
@@ -333,6 +339,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     catalog = catalog.append_column("train_count", pa.array(
         [train_counts.get(i, 0) for i in catalog.column("item_id").to_pylist()], pa.int64()))
     titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    lap("groups, catalog counts")
     wanted_users = pa.array(sorted({sid.rsplit(":", 1)[0] for ids in chosen.values() for sid in ids}),
                             pa.string())
     chosen_users = _gather(users.map_batches(
@@ -341,6 +348,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     subsets = {name: _with_prompts(_samples_of_users(chosen_users, chosen[name], cfg.history_len),
                                    titles, cfg.noun)
                for name in SPLITS}
+    lap("chosen users to the driver, histories, prompts")
 
     stats = {
         "files": source.files,
@@ -368,8 +376,20 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
         "config": cfg.model_dump(mode="json"),
         "seconds": round(time.time() - start, 1),
     }
+    stats["timings"] = timings          # up to here; writing the (small) subsets follows
     _write(output, subsets, catalog, groups, dropped_groups, group_freq, stats)
     return stats
+
+
+def _stopwatch(timings: dict[str, float]):
+    """lap(name): the seconds since the last lap (or since now) go to timings[name]."""
+    last = [time.time()]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - last[0], 2)
+        last[0] = now
+    return lap
 
 
 def _with_prompts(samples: pa.Table, titles: dict[str, str], noun: str) -> pa.Table:

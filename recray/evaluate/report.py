@@ -32,8 +32,8 @@ DIFFERENCES = ("HR@5", "HR@20", "NDCG@5")
 CURVES = ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")
 METHOD_NAMES = {"bigrec": "BIGRec", "sprec": "SPRec", "sprec-nodpo": "SPRec-noDPO",
                 "sprec-nosft": "SPRec-noSFT", "sprec-rn": "SPRec-RN", "dmpo": "DMPO",
-                "sdpo": "SDPO", "rw": "RW", "mostpop": "MostPop (train-split targets)",
-                "random": "Random", "sasrec": "SASRec"}
+                "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT",
+                "mostpop": "MostPop (train-split targets)", "random": "Random", "sasrec": "SASRec"}
 
 
 def load_rows(run_dir: Path) -> list[dict]:

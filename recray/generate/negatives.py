@@ -1,4 +1,5 @@
-"""Negatives for DPO (spec §3): self-play answers of the policy, random catalog items, or a mix.
+"""Negatives for DPO (spec §3): self-play answers of the policy, random catalog items, or a
+mix; or, for RosePO, the catalog titles nearest the target (`semantic`).
 
     2N candidates (beam/sample; greedy when N = 1) -> parse each quoted title -> drop
     unparsable ones -> [ground to the nearest catalog title] -> drop the positive ->
@@ -9,7 +10,10 @@ random catalog items, and rows left with fewer than N are topped up with random 
 (`fill_short`; else they keep fewer, and rows with none are dropped). Random items are
 uniform over the catalog's distinct titles, never the positive nor a title the row
 already has, drawn from a generator keyed by (seed, sample id): the same seed gives the
-same negatives whatever the batching. Every drop is counted in negatives_stats.json.
+same negatives whatever the batching. Semantic negatives are the N catalog titles
+nearest the target title by the grounding embedder (L2, as grounding ranks), skipping the
+target itself and the sample's history titles (counted). Every drop is counted in
+negatives_stats.json.
 
 Titles are compared case- and whitespace-insensitively. `chosen` and `rejected` are
 completions in the training format (recray.data.prompts.build_completion).
@@ -46,8 +50,8 @@ NEGATIVES_SCHEMA = pa.schema([
     ("chosen", pa.string()),
     ("rejected", pa.list_(pa.string())),
     ("rejected_scores", pa.list_(pa.float64())),   # log-prob under the policy; null if random
-    ("rejected_sources", pa.list_(pa.string())),   # "self" | "random", per negative
-    ("source", pa.string()),                       # "self" | "random" | "mixed"
+    ("rejected_sources", pa.list_(pa.string())),   # "self" | "random" | "semantic", per negative
+    ("source", pa.string()),                       # one of those, or "mixed"
 ])
 
 
@@ -59,8 +63,8 @@ def same_title(title: str) -> str:
 @dataclass
 class Negative:
     title: str
-    score: float | None         # None: a random item
-    source: str                 # "self" | "random"
+    score: float | None         # None: not generated (random or semantic)
+    source: str                 # "self" | "random" | "semantic"
 
 
 def select_negatives(candidates: list[str], scores: list[float], positive: str, n: int,
@@ -127,17 +131,57 @@ def _read(table_or_path, what: str) -> pa.Table:
     raise TypeError(f"{what} must be a pa.Table, Parquet path or Ray Dataset")
 
 
+def _catalog_space(catalog_titles: list[str]):
+    """(embedder, catalog embeddings): grounding's (sentence embedder, cached per catalog)."""
+    from recray.assets import embedder_dir, home
+    from recray.evaluate.grounding import SentenceEmbedder, catalog_embeddings
+    embedder = SentenceEmbedder(embedder_dir())
+    return embedder, catalog_embeddings(embedder, catalog_titles, home() / "cache" / "embeddings")
+
+
 def _ground_map(parsed: set[str], catalog_titles: list[str]) -> dict[str, str]:
     """Each title -> its nearest catalog title (sentence embedder, L2, spec §4)."""
-    from recray.assets import embedder_dir, home
-    from recray.evaluate.grounding import SentenceEmbedder, catalog_embeddings, rank_catalog
+    from recray.evaluate.grounding import rank_catalog
     if not parsed:
         return {}
     queries = sorted(parsed)
-    embedder = SentenceEmbedder(embedder_dir())
-    items = catalog_embeddings(embedder, catalog_titles, home() / "cache" / "embeddings")
+    embedder, items = _catalog_space(catalog_titles)
     top, _ = rank_catalog(embedder.embed(queries), items, np.full(len(queries), -1), topk=1)
     return {q: catalog_titles[row[0]] for q, row in zip(queries, top)}
+
+
+def semantic_negatives(positives: list[str], histories: list[list[str]], titles: list[str],
+                       n: int) -> tuple[list[list[Negative]], int]:
+    """Per sample, the n catalog titles nearest its target (RosePO's negatives), skipping
+    the target and its history titles; and how many history titles were skipped."""
+    from recray.evaluate.grounding import rank_catalog
+    index = {same_title(t): i for i, t in enumerate(titles)}
+    _, items = _catalog_space(titles)
+    targets = [index.get(same_title(p)) for p in positives]
+    missing = [p for p, i in zip(positives, targets) if i is None]
+    if missing:
+        raise RecrayError(f"{len(missing)} target title(s) are not catalog titles, e.g. "
+                          f"{missing[0]!r}: semantic negatives are the catalog's nearest titles")
+    longest = max((len(h) for h in histories), default=0)
+    top, _ = rank_catalog(items[targets], items, np.full(len(targets), -1),
+                          topk=min(len(titles), n + 1 + longest))
+    rows, skipped = [], 0
+    for positive, history, near in zip(positives, histories, top):
+        own = {same_title(positive)}
+        seen = {same_title(h) for h in history} - own
+        picked = []
+        for i in near:
+            key = same_title(titles[i])
+            if key in own:
+                continue
+            if key in seen:
+                skipped += 1
+                continue
+            picked.append(Negative(titles[i], None, "semantic"))
+            if len(picked) == n:
+                break
+        rows.append(picked)
+    return rows, skipped
 
 
 def _contaminate(rows: list[list[Negative]], positives: list[str], sample_ids: list[str],
@@ -216,13 +260,20 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
             counts["short_of_n"] += len(picked) < n
             rows.append(picked)
         counts["contaminated"] = _contaminate(rows, positives, ids, titles, cfg.random_ratio, seed)
+    elif cfg.source == "semantic":
+        if "history_titles" not in samples.column_names:
+            raise RecrayError("semantic negatives skip each sample's history titles: the train "
+                              "samples need a history_titles column (a `recray prepare` split has it)")
+        rows, counts["skipped_history"] = semantic_negatives(
+            positives, samples.column("history_titles").to_pylist(), titles, n)
+        counts["short_of_n"] = sum(len(r) < n for r in rows)
     else:
         rows = [[] for _ in ids]
     if cfg.source == "random" or cfg.fill_short:
         for r, (sid, positive) in enumerate(zip(ids, positives)):
             missing = n - len(rows[r])
             if missing > 0:
-                counts["filled_random"] += missing if cfg.source == "self" else 0
+                counts["filled_random"] += missing if cfg.source != "random" else 0
                 rows[r] = _fill(rows[r], positive, sid, titles, n, seed)
     keep = [r for r, negs in enumerate(rows) if negs]
     counts["rows_dropped_no_negative"] = len(ids) - len(keep)
@@ -242,7 +293,7 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
 
 COUNTS = ("candidates", "unparsable", "unquoted", "cut", "dropped_positive", "duplicates",
           "beyond_n", "grounded_changed", "short_of_n", "contaminated", "filled_random",
-          "rows_dropped_no_negative")
+          "skipped_history", "rows_dropped_no_negative")
 
 
 def _negatives_table(samples: pa.Table, rows: list[list[Negative]], keep: list[int]) -> pa.Table:

@@ -1,12 +1,18 @@
 """DPO step: TRL's DPOTrainer extended to N rejected answers per prompt (S-DPO).
 
-One forward over [chosen; rejected_1; ...; rejected_N] rows, the same under the reference
-(TRL's: the adapter switched off, or its frozen "ref" copy), then
+One forward over the prompt and its chosen and rejected answers, the same under the
+reference (TRL's: the adapter switched off, or its frozen "ref" copy), then
 
     h(y) = log π(y|x) - log π_ref(y|x)
     loss = -log σ(-log Σ_j exp(β·(h(y_lj) - h(y_w))))        (= DPO's sigmoid loss for N = 1)
 
-Prompts with fewer than N negatives are padded with a repeat that the mask leaves out.
+Two layouts of the same computation (train.dpo_shared_prompt):
+- shared prompt (default): one row per prompt, [prompt; chosen; rejected_1; ...], each
+  answer seeing the prompt and itself only (a block attention mask, positions restarting
+  after the prompt), so the prompt, most of every row's tokens, is computed once instead
+  of 1 + N times. Needs an attention that takes a 4D mask (sdpa or eager, recray's).
+- one row per answer, [chosen (B); rejected_1 (B); ...], TRL's own layout; prompts with
+  fewer than N negatives are padded with a repeat that the mask leaves out.
 What the reference IS is decided by the caller (see recray.train.worker): the model this
 trainer starts from, i.e. the model after this iteration's SFT step.
 """
@@ -23,7 +29,7 @@ from trl.data_utils import _tokenize, common_prefix_length
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 
-from recray.train.losses import MULTI_NEGATIVE_LOSSES
+from recray.train.losses import MULTI_NEGATIVE_LOSSES, personal_smoothing, rosepo_loss
 
 
 @dataclass
@@ -50,15 +56,69 @@ class MultiNegativeCollator(DataCollatorMixin):
             "completion_mask": pad(completion, padding_value=0, padding_side="right"),
             "rejected_mask": torch.tensor([[j < len(e["rejected_ids"]) for j in range(n)]
                                            for e in examples]),
+            "tokens": torch.tensor([len(x) for x in ids]),
+        }
+
+
+def _pack(prompt: list[int], answers: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(tokens, positions, labels, segment) of one shared-prompt row. Answer j is the
+    segment [last prompt token, answer[:-1]] at the positions that follow the prompt, with
+    the answer as its next-token labels: the last prompt token is repeated per segment
+    because it is the position that predicts an answer's first token."""
+    shared = prompt[:-1]
+    tokens, labels = list(shared), [-100] * len(shared)
+    positions, segment = list(range(len(shared))), [-1] * len(shared)
+    for j, answer in enumerate(answers):
+        tokens += [prompt[-1], *answer[:-1]]
+        positions += range(len(shared), len(shared) + len(answer))
+        labels += answer
+        segment += [j] * len(answer)
+    return tokens, positions, labels, segment
+
+
+@dataclass
+class SharedPromptCollator(DataCollatorMixin):
+    """One row per prompt (see `_pack`), right-padded: `shift_labels` (position t's next
+    token), `segment` (-1: prompt or padding; j: answer j, 0 the chosen one), a (B, 1, T, T)
+    boolean `attention_mask` (causal, an answer sees the prompt and itself), and the (B, N)
+    `rejected_mask`."""
+
+    pad_token_id: int
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        n = max(len(e["rejected_ids"]) for e in examples)
+        rows = [_pack(e["prompt_ids"], [e["chosen_ids"], *e["rejected_ids"]]) for e in examples]
+        width = max(len(r[0]) for r in rows)
+        shape = (len(rows), width)
+        ids = torch.full(shape, self.pad_token_id)
+        positions, labels = torch.zeros(shape, dtype=torch.long), torch.full(shape, -100)
+        segment, real = torch.full(shape, -1), torch.zeros(shape, dtype=torch.bool)
+        for b, (tok, pos, lab, seg) in enumerate(rows):
+            k = len(tok)
+            ids[b, :k], positions[b, :k], labels[b, :k] = map(torch.tensor, (tok, pos, lab))
+            segment[b, :k], real[b, :k] = torch.tensor(seg), True
+        key_is_prompt = (segment == -1) & real
+        sees = (key_is_prompt[:, None, :] | (segment[:, :, None] == segment[:, None, :])) \
+            & torch.ones(width, width, dtype=torch.bool).tril()
+        sees |= torch.eye(width, dtype=torch.bool)       # padding rows see themselves: no empty row
+        return {
+            "input_ids": ids, "position_ids": positions, "shift_labels": labels,
+            "segment": segment, "attention_mask": sees[:, None],
+            "rejected_mask": torch.tensor([[j < len(e["rejected_ids"]) for j in range(n)]
+                                           for e in examples]),
+            "tokens": real.sum(1),
         }
 
 
 class SDPOTrainer(DPOTrainer):
     """DPOTrainer with `rejected` a list of answers and a loss over them: S-DPO's softmax
-    (the default) or DMPO's mean rejected reward (recray.train.losses)."""
+    (the default), DMPO's mean rejected reward or RosePO's smoothed pairs (recray.train.losses)."""
 
-    def __init__(self, *args, multi_negative_loss: str = "softmax", **kwargs):
-        self.multi_negative_loss = MULTI_NEGATIVE_LOSSES[multi_negative_loss]
+    def __init__(self, *args, multi_negative_loss: str = "softmax",
+                 rosepo: dict | None = None, **kwargs):
+        self.loss_name = multi_negative_loss
+        self.rosepo = rosepo            # RosePO's eps_max and temperature (its loss only)
         args_ = kwargs.get("args")
         if args_ is not None and (args_.precompute_ref_log_probs or args_.loss_type != ["sigmoid"]
                                   or args_.ld_alpha is not None or args_.use_weighting
@@ -85,27 +145,43 @@ class SDPOTrainer(DPOTrainer):
                                desc=f"Tokenizing {dataset_name} dataset")
 
     # ---------------------------------------------------------------- loss
-    def _sequence_logps(self, model, inputs, labels) -> torch.Tensor:
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    labels=labels, fused_lm_head=True, use_cache=False)
-        return out.log_probs[:, -(labels.size(1) - 1):].sum(dim=1)
+    def _answer_logps(self, model, inputs) -> torch.Tensor:
+        """(B, 1 + N) summed log-probabilities of [chosen, rejected_1, ...] under `model`."""
+        batch, n = inputs["rejected_mask"].shape
+        if "segment" not in inputs:                      # one row per answer
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        labels=labels, fused_lm_head=True, use_cache=False)
+            return out.log_probs.sum(dim=1).view(1 + n, batch).T
+        dtype = next(model.parameters()).dtype
+        sees = inputs["attention_mask"]
+        additive = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(
+            ~sees, torch.finfo(dtype).min)
+        out = model(input_ids=inputs["input_ids"], attention_mask=additive,
+                    position_ids=inputs["position_ids"], shift_labels=inputs["shift_labels"],
+                    fused_lm_head=True, use_cache=False)
+        segment = inputs["segment"].clamp(min=0)          # log_probs are 0 off the answers
+        return out.log_probs.new_zeros(batch, 1 + n).scatter_add(1, segment, out.log_probs)
 
-    def _reference_logps(self, inputs, labels) -> torch.Tensor:
+    def _reference_logps(self, inputs) -> torch.Tensor:
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is not None:
-                return self._sequence_logps(self.ref_model, inputs, labels)
+                return self._answer_logps(self.ref_model, inputs)
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = "ref" if "ref" in unwrapped.peft_config else None   # None: adapter off
             with use_adapter(unwrapped, adapter_name=adapter):
-                return self._sequence_logps(self.model, inputs, labels)
+                return self._answer_logps(self.model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         mask = inputs["rejected_mask"].bool()
-        batch, n = mask.shape
-        h = self._sequence_logps(model, inputs, labels) - self._reference_logps(inputs, labels)
-        chosen, rejected = h[:batch], h[batch:].view(n, batch).T
-        loss = self.multi_negative_loss(chosen, rejected, mask, self.beta).mean()
+        reference = self._reference_logps(inputs)
+        h = self._answer_logps(model, inputs) - reference
+        chosen, rejected = h[:, 0], h[:, 1:]
+        if self.loss_name == "rosepo":      # its smoothing reads the reference log-probs
+            eps = personal_smoothing(reference[:, 0], reference[:, 1:], mask, **self.rosepo)
+            loss = rosepo_loss(chosen, rejected, mask, self.beta, eps).mean()
+        else:
+            loss = MULTI_NEGATIVE_LOSSES[self.loss_name](chosen, rejected, mask, self.beta).mean()
         self._record(inputs, chosen.detach(), rejected.detach(), mask)
         return (loss, None) if return_outputs else loss
 
@@ -123,14 +199,17 @@ class SDPOTrainer(DPOTrainer):
         m["rewards/accuracies"].append(gather((chosen_r > rejected_max).float()).mean().item())
         m["rewards/margins"].append(gather(chosen_r - rejected_mean).mean().item())
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += gather(inputs["tokens"].sum()).sum().item()
         m["num_tokens"] = [self._total_train_tokens]
 
 
 def build_dpo_trainer(model, tokenizer, dataset, args: DPOConfig, peft_config=None,
-                      multi_negative_loss: str = "softmax") -> SDPOTrainer:
+                      multi_negative_loss: str = "softmax", rosepo: dict | None = None,
+                      shared_prompt: bool = True) -> SDPOTrainer:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    collator = SharedPromptCollator if shared_prompt else MultiNegativeCollator
     return SDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                        peft_config=peft_config, multi_negative_loss=multi_negative_loss,
-                       data_collator=MultiNegativeCollator(pad_token_id=tokenizer.pad_token_id))
+                       rosepo=rosepo,
+                       data_collator=collator(pad_token_id=tokenizer.pad_token_id))

@@ -1,7 +1,8 @@
 """Training data in, on Ray Data, checked on the driver before any worker starts.
 
     SFT:  prepared dir (DIR/train/*.parquet) | Parquet file/dir | ray.data.Dataset
-          columns sample_id, prompt, completion (+ history_item_ids, target_item_id for RW)
+          columns sample_id, prompt, completion (+ history_item_ids, target_item_id for RW;
+          + token_groups for GDRT)
     DPO:  negatives Parquet | ray.data.Dataset
           columns sample_id, prompt, chosen, rejected (list<string>)
 
@@ -58,10 +59,13 @@ def _check(ds: ray.data.Dataset, where: str, needed: tuple[str, ...], what: str)
 
 
 def read_sft(data, reweight: bool = False) -> tuple[ray.data.Dataset, str]:
+    """The SFT columns (+ RW's); a `token_groups` column (GDRT's, recray.train.token_groups)
+    is kept when the data has one."""
     ds, where = _as_dataset(data, "SFT")
     needed = SFT_COLUMNS + (RW_COLUMNS if reweight else ())
     _check(ds, where, needed, "SFT")
-    return ds.select_columns(list(needed)), where
+    groups = ("token_groups",) if "token_groups" in ds.schema().names else ()
+    return ds.select_columns(list(needed + groups)), where
 
 
 def read_negatives(data, max_negatives: int | None = None) -> tuple[ray.data.Dataset, str]:

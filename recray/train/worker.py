@@ -102,9 +102,12 @@ def make_trainer(job: Job, dataset, output_dir: str):
     model, tokenizer, peft_config = load_policy(job)
     args = training_args(job, output_dir)
     if job.kind == "sft":
-        return build_sft_trainer(model, tokenizer, dataset, args, peft_config)
+        return build_sft_trainer(model, tokenizer, dataset, args, peft_config,
+                                 gdrt=job.train["gdrt"])
     return build_dpo_trainer(model, tokenizer, dataset, args, peft_config,
-                             multi_negative_loss=job.train["multi_negative_loss"])
+                             multi_negative_loss=job.train["multi_negative_loss"],
+                             rosepo=job.train["rosepo"],
+                             shared_prompt=job.train["dpo_shared_prompt"])
 
 
 def to_hf_dataset(rows: list[dict], kind: str):
@@ -118,7 +121,9 @@ def to_hf_dataset(rows: list[dict], kind: str):
                  "rejected": [str(x) for x in r["rejected"]]} for r in rows]
     else:
         keep = [{"prompt": r["prompt"], "completion": r["completion"],
-                 **({"weight": float(r["weight"])} if "weight" in r else {})} for r in rows]
+                 **({"weight": float(r["weight"])} if "weight" in r else {}),
+                 **({"token_groups": [int(g) for g in r["token_groups"]]}
+                    if "token_groups" in r else {})} for r in rows]
     return datasets.Dataset.from_list(keep)
 
 
