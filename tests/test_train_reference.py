@@ -43,24 +43,22 @@ def after_sft(tmp_path_factory):
 
 
 def _logps(trainer, batch, reference: bool) -> torch.Tensor:
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    """(B, 1 + N) answer log-probs under the trainer's policy or its reference."""
     with torch.no_grad():
         if reference:
-            return trainer._reference_logps(batch, labels)
-        return trainer._sequence_logps(trainer.model, batch, labels)
+            return trainer._reference_logps(batch)
+        return trainer._answer_logps(trainer.model, batch)
 
 
-def _base_logps(base, batch) -> torch.Tensor:
+def _base_logps(trainer, base, batch) -> torch.Tensor:
+    """The same answers' log-probs under the base model, in the trainer's batch layout."""
     from trl.trainer.utils import add_fused_lm_head
 
     from recray.train.models import load_model
     model = load_model(str(base), "float32", False).eval()
     add_fused_lm_head(model)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=labels, fused_lm_head=True)
-    return out.log_probs.sum(dim=1)
+        return trainer._answer_logps(model, batch)
 
 
 @pytest.mark.parametrize("start", ["merged", "adapter", "full"])
@@ -75,7 +73,7 @@ def test_dpo_reference_is_the_sft_model(after_sft, start):
 
     policy, reference = _logps(trainer, batch, False), _logps(trainer, batch, True)
     assert torch.equal(policy, reference)                     # step 0: π == π_ref exactly
-    base_logps = _base_logps(base, batch)
+    base_logps = _base_logps(trainer, base, batch)
     assert (policy - base_logps).abs().max() > 1e-2           # ... and π_ref is not the base
 
     trainer.model.train()
