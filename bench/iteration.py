@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train import matmul_peak, model_flops_per_token  # noqa: E402  (bench/train.py)
+from train import _rate, matmul_peak, model_flops_per_token  # noqa: E402  (bench/train.py)
 
 CONFIG = "configs/ml100k.yaml"
 CASES = {
@@ -57,8 +57,7 @@ def recray(*args: str, log: Path) -> None:
 def train_stats(step: Path) -> dict:
     """Training seconds (first step to last) and tokens processed of one SFT/DPO stage."""
     history = [json.loads(line) for line in (step / "train_log.jsonl").read_text().splitlines()]
-    tokens = max(h.get("num_tokens", 0) for h in history)
-    seconds = next(h["train_runtime"] for h in reversed(history) if "train_runtime" in h)
+    tokens, seconds, _ = _rate(history)
     return {"train_s": seconds, "tokens": tokens,
             "samples": json.loads((step / "summary.json").read_text())["data"]["samples"]}
 
