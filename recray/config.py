@@ -239,7 +239,9 @@ class EvaluateConfig(Strict):
 class LoopConfig(Strict):
     """The self-play loop (spec §3); `method` picks the baseline or ablation."""
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
-                    "sdpo", "rosepo", "rw", "gdrt", "mostpop", "random", "sasrec"] = "sprec"
+                    "sdpo", "rosepo", "rw", "gdrt", "mostpop", "random", "sasrec", "alpharec",
+                    "alpharec-reweight", "bifair", "bifair-separate", "bifair-noentropy",
+                    "bifair-eq11"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2
     init_from: str | None = None            # an earlier run whose π_0 (and its evaluation) to reuse
     iterations: int = Field(5, ge=0)        # T
@@ -264,6 +266,37 @@ class SasrecConfig(Strict):
     seed: int = 0
 
 
+class BifairConfig(Strict):
+    """BiFair's table (seed 003; seed-methods.md §4): a recommender over the item titles'
+    embeddings (AlphaRec without the graph, or Linear), its re-weighted baseline and BiFair,
+    trained on Ray; every unset value of the seed is a [CHOICE] of seed-methods.md §4.3."""
+    # sequential: the prompt samples of every recray method, trained on the WHOLE train
+    # split; general: the seed's protocol (ratings >= min_rating, per-user random 4:3:3)
+    protocol: Literal["sequential", "general"] = "general"
+    groups: Literal["pop", "genre"] = "pop"     # the groups fairness is over (one run each)
+    # Z_0: the grounding's sentence embedder over the titles (cached), or the base LLM's
+    # last hidden state (seed: SFR-Embedding-Mistral-7B, not available offline)
+    embedder: Literal["sentence", "hidden"] = "sentence"
+    projector: Literal["mlp", "linear"] = "mlp" # AlphaRec's 2-layer MLP, or one matrix
+    hidden: int = Field(256, ge=1)              # the MLP's hidden width
+    dim: int = Field(64, ge=1)                  # behaviour space [003:L248]
+    graph_layers: int = Field(0, ge=0)          # LightGCN layers (general protocol only)
+    temperature: float = Field(0.15, gt=0)      # InfoNCE τ on cosine scores [003:L248]
+    negatives: int = Field(256, ge=1)           # sampled per batch [003:L247]
+    batch_size: int = Field(1024, ge=1)         # seed: 4096 [003:L510]
+    lr_theta: float = Field(5e-4, gt=0)         # Adam, the projector
+    lr_z: float = Field(1e-4, gt=0)             # AdamW, the item representations
+    weight_decay_z: float = Field(0.1, ge=0)    # [003:L248]
+    xi: float | None = Field(None, gt=0)        # the unrolled step; None: lr_theta
+    zeta: float = Field(0.1, ge=0, le=1)        # mix with uniform: a minimum weight per group
+    fw_iterations: int = Field(25, ge=1)        # Frank-Wolfe steps (Alg. 2)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(10, ge=1)             # epochs without a better valid Recall@20
+    min_rating: float = 3.0                     # general protocol [003:L220]
+    min_user_interactions: int = Field(20, ge=1)   # general protocol, after the rating filter
+    seed: int = 0
+
+
 class TrackingConfig(Strict):
     """Per-iteration metrics beside metrics.jsonl, for the tools people already watch runs in."""
     tensorboard: bool = True                # <run>/tensorboard
@@ -280,6 +313,7 @@ class Config(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     sasrec: SasrecConfig = Field(default_factory=SasrecConfig)
+    bifair: BifairConfig = Field(default_factory=BifairConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -76,6 +76,22 @@ METHODS = {
                      recommender="random"),
     "sasrec": Method("no LLM: item-ID SASRec on the train subset, early-stopped on valid",
                      loop=False, recommender="sasrec"),
+    "alpharec": Method("no LLM training: an MLP (or linear, bifair.projector) over the titles' "
+                       "embeddings, InfoNCE; BiFair's unfair baseline", loop=False,
+                       recommender="alpharec"),
+    "alpharec-reweight": Method("alpharec with each positive weighted by its group's inverse "
+                                "frequency (BiFair's \"Reweight\")", loop=False,
+                                recommender="alpharec-reweight"),
+    "bifair": Method("alpharec trained bi-level: fair group weights (Frank-Wolfe + entropy) on "
+                     "the projector, DARTS-style steps on the item representations (bifair)",
+                     loop=False, recommender="bifair"),
+    "bifair-separate": Method("bifair ablation: the projector first, then the item "
+                              "representations with the projector frozen", loop=False,
+                              recommender="bifair-separate"),
+    "bifair-noentropy": Method("bifair ablation: Frank-Wolfe over the group gradients only "
+                               "(no entropy objective)", loop=False, recommender="bifair-noentropy"),
+    "bifair-eq11": Method("bifair ablation: the literal Eq. 11 (the entropy vector's weight "
+                          "dropped from the step)", loop=False, recommender="bifair-eq11"),
 }
 
 
@@ -145,6 +161,11 @@ def check_config(cfg: Config) -> None:
                           f"loop.method={cfg.loop.method} also runs SFT steps on each iteration's "
                           f"samples, which RW does not define: use loop.method=rw (RW's π_0), or "
                           f"drop train.reweight")
+    if (method.recommender or "").startswith(("alpharec", "bifair")) and cfg.bifair.graph_layers \
+            and cfg.bifair.protocol == "sequential":
+        raise ConfigError("bifair.graph_layers: LightGCN propagates over the user-item graph of "
+                          "bifair.protocol=general; prompt samples (protocol sequential) have no "
+                          "such graph: set bifair.graph_layers=0 or bifair.protocol=general")
     splits = cfg.evaluate.splits
     if cfg.evaluate.rerank.enabled and (method.recommender or "valid" not in splits
                                         or splits.index("valid") > 0):
@@ -348,9 +369,12 @@ def _llm_evaluator(policy, pool, cfg: Config, prepared: Path, valid_stage: Path)
 
 def _reference_evaluator(name: str, run: RunDir, cfg: Config, prepared: Path,
                          catalog: pa.Table) -> Evaluator:
-    """Random, MostPop or SASRec (trained once, as stage it0/model) scoring every item."""
-    from recray.conventional import baselines, sasrec
+    """Random, MostPop, SASRec or an LLM-enhanced model (trained once, as stage it0/model)
+    scoring every item."""
+    from recray.conventional import baselines, enhanced, sasrec
     from recray.conventional.evaluate import evaluate_recommender
+    if name in enhanced.VARIANTS:
+        return enhanced.evaluator(name, run, cfg, prepared)
     if name == "sasrec":
         if not run.done("it0/model"):
             with run.stage("it0/model") as out:

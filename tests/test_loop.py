@@ -79,7 +79,8 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
 def test_methods_cover_the_paper():
     assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
                             "dmpo", "sdpo", "rosepo", "gdrt", "rw", "mostpop", "random",
-                            "sasrec"}
+                            "sasrec", "alpharec", "alpharec-reweight", "bifair", "bifair-separate",
+                            "bifair-noentropy", "bifair-eq11"}
     assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"
     assert not METHODS["sprec-nodpo"].dpo and not METHODS["sprec-nosft"].sft
     table = (ROOT / "docs" / "loop.md").read_text()

@@ -18,11 +18,13 @@ class Recommender(Protocol):
 
 
 def evaluate_recommender(data_dir: Path, split: str, recommender: Recommender, output: Path,
-                         limit: int | None = None) -> dict:
+                         limit: int | None = None, about: dict | None = None) -> dict:
+    """`about`: what the row is, beside its metrics (e.g. the data it was trained on)."""
     samples, catalog, groups = read_prepared(data_dir, split, limit)
     start = time.time()
     predictions, metrics = score_items(samples, recommender.scores(samples), catalog, groups)
     metrics["split"] = split
     metrics["seconds_score"] = round(time.time() - start, 1)
+    metrics.update(about or {})
     write_evaluation(output, predictions, metrics)
     return metrics

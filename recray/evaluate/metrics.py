@@ -162,13 +162,17 @@ def group_utility(ranks: Sequence[int] | np.ndarray, target_groups: Sequence[Ite
         for g in set(gs):
             members.setdefault(g, []).append(u)
     utility = {g: hit_ratio(r[members[g]], k) for g in sorted(members)}
-    values = np.sort(np.array(list(utility.values())))
+    return (utility, *_spread(utility))
+
+
+def _spread(utility: Mapping[str, float]) -> tuple[float, float]:
+    """(CV, MIN) of per-group utilities, as `group_utility` defines them."""
+    values = np.sort(np.array(list(utility.values()), dtype=float))
     if values.size == 0:
-        return utility, 0.0, 0.0
+        return 0.0, 0.0
     mean = values.mean()
     cv = float(values.std(ddof=0) / mean) if mean > 0 else 0.0
-    worst = values[: -(-values.size // 4)]
-    return utility, cv, float(worst.mean())
+    return cv, float(values[: -(-values.size // 4)].mean())
 
 
 def popularity_groups(item_ids: Sequence[ItemId], train_counts: Sequence[int] | np.ndarray,
@@ -234,6 +238,105 @@ def all_metrics(target_ranks: Sequence[int] | np.ndarray,
         for name, targets in (("pop", pop_targets), ("genre", genre_targets)):
             _, out[f"CV@{k}/{name}"], out[f"MIN@{k}/{name}"] = group_utility(ranks, targets, k)
     return out
+
+
+# ---------------------------------------------------------------- several targets per user
+# BiFair's general-recommendation protocol (seed 003; seed-methods.md §4.5 B): user u has a
+# set T_u of held-out items (`target_lists[u]`, non-empty) and is ranked against the
+# whole catalog less the items it is known to have (its `history_lists[u]`).
+
+def _hits(topk_lists, target_lists, k: int) -> tuple[np.ndarray, list[set]]:
+    top = _first_k(topk_lists, k)
+    targets = [set(t) for t in target_lists]
+    if len(targets) != len(top):
+        raise ValueError(f"{len(targets)} target sets for {len(top)} top-k lists")
+    if any(not t for t in targets):
+        raise ValueError("a user has no target item: leave such users out")
+    return np.array([[item in t for item in row] for row, t in zip(top, targets)]), targets
+
+
+def recall(topk_lists, target_lists, k: int) -> float:
+    """Recall@K = (1/n) Σ_u |Top_K(u) ∩ T_u| / |T_u|."""
+    hits, targets = _hits(topk_lists, target_lists, k)
+    return float(np.mean(hits.sum(1) / np.array([len(t) for t in targets])))
+
+
+def ndcg_multi(topk_lists, target_lists, k: int) -> float:
+    """NDCG@K with binary gains: DCG over the hits in Top_K(u) / the DCG of min(|T_u|, K) hits."""
+    hits, targets = _hits(topk_lists, target_lists, k)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.minimum([len(t) for t in targets], k) - 1]
+    return float(np.mean((hits * discounts).sum(1) / ideal))
+
+
+def hit_any(topk_lists, target_lists, k: int) -> float:
+    """HR@K = share of users with at least one target in Top_K(u)."""
+    return float(np.mean(_hits(topk_lists, target_lists, k)[0].any(1)))
+
+
+def group_recall_utility(topk_lists, target_lists, item_groups: Mapping[ItemId, Iterable[str]],
+                         k: int) -> tuple[dict[str, float], float, float]:
+    """BiFair's Eq. 1 with Recall@K (seed-methods.md §4.3 item 6): U_g = the mean over users
+    with a target in g of |Top_K(u) ∩ T_u ∩ g| / |T_u ∩ g|; CV and MIN as `group_utility`."""
+    top = _first_k(topk_lists, k)
+    per_group: dict[str, list[float]] = {}
+    for row, targets in zip(top, target_lists):
+        shown = set(row.tolist())
+        by_group: dict[str, list] = {}
+        for item in set(targets):
+            for g in set(item_groups.get(item) or ()):
+                by_group.setdefault(g, []).append(item in shown)
+        for g, hits in by_group.items():
+            per_group.setdefault(g, []).append(float(np.mean(hits)))
+    utility = {g: float(np.mean(v)) for g, v in sorted(per_group.items())}
+    return (utility, *_spread(utility))
+
+
+def general_metrics(topk_lists, target_lists, history_lists, item_categories: Mapping[ItemId, Iterable[str]],
+                    groups: Sequence[str], item_popularity: Mapping[ItemId, str],
+                    ks: Sequence[int] = KS) -> dict[str, float]:
+    """`all_metrics` for users with several targets: Recall@K, NDCG@K and HR@K of the
+    multi-target kind, the same list metrics (DivRatio, ORRatio, MGU, DGU, GU against the
+    user's known items), and Recall-based CV/MIN over popularity and genre groups."""
+    groups = _check_groups(groups)
+    group_set = set(groups)
+    genre_of = {i: group_set.intersection(c or ()) for i, c in item_categories.items()}
+    pop_of = {i: (g,) for i, g in item_popularity.items()}
+    out: dict[str, float] = {"n_samples": len(topk_lists)}
+    for k in ks:
+        out[f"Recall@{k}"] = recall(topk_lists, target_lists, k)
+        out[f"NDCG@{k}"] = ndcg_multi(topk_lists, target_lists, k)
+        out[f"HR@{k}"] = hit_any(topk_lists, target_lists, k)
+        out[f"DivRatio@{k}"] = div_ratio(topk_lists, k)
+        out[f"ORRatio@{k}"] = or_ratio(topk_lists, k)
+        gu, out[f"MGU@{k}"], out[f"DGU@{k}"] = group_unfairness(
+            topk_lists, history_lists, item_categories, groups, k)
+        out.update({f"GU@{k}/{g}": v for g, v in gu.items()})
+        for name, of in (("pop", pop_of), ("genre", genre_of)):
+            _, out[f"CV@{k}/{name}"], out[f"MIN@{k}/{name}"] = group_recall_utility(
+                topk_lists, target_lists, of, k)
+    return out
+
+
+GENERAL_PREDICTION_COLUMNS = ("user_id", "history_item_ids", "target_item_ids", "topk_item_ids")
+
+
+def general_metrics_from_tables(predictions: pa.Table, catalog: pa.Table, groups: Sequence[str],
+                                ks: Sequence[int] = KS) -> dict[str, float]:
+    """`general_metrics` from stored tables: predictions with user_id, history_item_ids (the
+    items masked from the ranking), target_item_ids and topk_item_ids; the catalog as in
+    `metrics_from_tables` (its train_count gives the popularity groups)."""
+    _require_columns(predictions, GENERAL_PREDICTION_COLUMNS, "predictions")
+    _require_columns(catalog, CATALOG_COLUMNS, "catalog")
+    item_ids = catalog.column("item_id").to_pylist()
+    return general_metrics(
+        topk_lists=predictions.column("topk_item_ids").to_pylist(),
+        target_lists=predictions.column("target_item_ids").to_pylist(),
+        history_lists=predictions.column("history_item_ids").to_pylist(),
+        item_categories=dict(zip(item_ids, catalog.column("categories").to_pylist())),
+        groups=groups,
+        item_popularity=popularity_groups(item_ids, catalog.column("train_count").to_numpy()),
+        ks=ks)
 
 
 PREDICTION_COLUMNS = ("target_item_id", "history_item_ids", "topk_item_ids", "target_rank")

@@ -26,14 +26,22 @@ from recray.evaluate.metrics import paired_bootstrap
 
 TABLE_COLUMNS = ("DivRatio@1", "DivRatio@5", "ORRatio@1", "ORRatio@5", "MGU@1", "MGU@5",
                  "HR@5", "NDCG@5", "HR@20")
-LOWER_IS_BETTER = ("ORRatio", "MGU", "DGU")
-REFERENCE_ROWS = ("mostpop", "random", "sasrec")   # need no LLM (recray.conventional)
+# BiFair's table (seed 003), for rows of its general-recommendation protocol: several
+# targets per user, so no sample-paired differences and no per-iteration curves.
+GENERAL_COLUMNS = ("Recall@20", "NDCG@20", "HR@20", "CV@20/pop", "MIN@20/pop", "CV@20/genre",
+                   "MIN@20/genre")
+LOWER_IS_BETTER = ("ORRatio", "MGU", "DGU", "CV")
+REFERENCE_ROWS = ("mostpop", "random", "sasrec", "alpharec", "alpharec-reweight", "bifair",
+                  "bifair-separate", "bifair-noentropy", "bifair-eq11")   # no LLM (recray.conventional)
 DIFFERENCES = ("HR@5", "HR@20", "NDCG@5")
 CURVES = ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")
 METHOD_NAMES = {"bigrec": "BIGRec", "sprec": "SPRec", "sprec-nodpo": "SPRec-noDPO",
                 "sprec-nosft": "SPRec-noSFT", "sprec-rn": "SPRec-RN", "dmpo": "DMPO",
                 "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT",
-                "mostpop": "MostPop (train-split targets)", "random": "Random", "sasrec": "SASRec"}
+                "mostpop": "MostPop (train-split targets)", "random": "Random", "sasrec": "SASRec",
+                "alpharec": "AlphaRec", "alpharec-reweight": "AlphaRec + Reweight",
+                "bifair": "BiFair", "bifair-separate": "BiFair-Separate",
+                "bifair-noentropy": "BiFair-noEntropy", "bifair-eq11": "BiFair-Eq11"}
 
 
 def load_rows(run_dir: Path) -> list[dict]:
@@ -58,8 +66,22 @@ def final_rows(rows: list[dict], split: str) -> list[dict]:
     return [r for r in on_split if r["iteration"] == last]
 
 
-def _label(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+def row_name(row: dict, default: str) -> str:
+    """The model a row is of: its method, and for BiFair's table the projector and the groups
+    it was made fair over (the same method over other groups is another model)."""
+    name = row.get("method", default)
+    if row.get("projector") == "linear":
+        name += " linear"
+    return name + (f" [{row['groups_trained']}]" if "groups_trained" in row else "")
+
+
+def _label(name: str) -> str:
+    method, _, rest = name.partition(" ")
+    label = METHOD_NAMES.get(method, method)
+    if rest.startswith("linear"):
+        label = label.replace("AlphaRec", "Linear") if "AlphaRec" in label else f"{label} (linear)"
+        rest = rest[len("linear"):].strip()
+    return f"{label} {rest}".strip()
 
 
 def _better(metric: str) -> str:
@@ -135,7 +157,7 @@ def mostpop_verdicts(per_method: dict[str, list[dict]], ks=(5, 20)) -> list[str]
     ceiling = {k: np.mean([r[f"HR@{k}"] for r in per_method["mostpop"]]) for k in ks}
     out = []
     for method, runs in per_method.items():
-        if method in REFERENCE_ROWS:
+        if method.split(" ")[0] in REFERENCE_ROWS:
             continue
         hr = {k: np.mean([r.get(f"HR@{k}", 0.0) for r in runs]) for k in ks}
         behind = [f"HR@{k} {hr[k]:.4f} ≤ {ceiling[k]:.4f}" for k in ks if hr[k] <= ceiling[k]]
@@ -221,7 +243,7 @@ def _per_method(finals: list[tuple[Path, dict]]) -> dict[str, list[dict]]:
     """The `_finals` rows by method, one per run that holds the method."""
     per_method: dict[str, list[dict]] = defaultdict(list)
     for run_dir, row in finals:
-        per_method[row.get("method", run_dir.name)].append(row)
+        per_method[row_name(row, run_dir.name)].append(row)
     return dict(per_method)
 
 
@@ -244,6 +266,18 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
     ]
 
 
+def _general_section(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[str]:
+    per_method = _per_method(_finals(run_dirs, runs, split))
+    if not per_method:
+        return []
+    return [f"## BiFair's general-recommendation protocol ({split} split)", "",
+            comparison_table(per_method, GENERAL_COLUMNS), "",
+            "Each user's held-out items ranked against the whole catalog less the items it is "
+            "known to have; CV and MIN over the users' Recall@20 per group (↓ CV, ↑ MIN, ↑ the "
+            "rest). [pop]/[genre]: the groups the model was made fair over. ± is the sample "
+            "standard deviation over n runs.", ""]
+
+
 def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None,
            baseline: str = "bigrec") -> Path:
     """`splits`: the splits to compare, first one plotted; None: every split the runs
@@ -258,8 +292,16 @@ def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None,
         raise RecrayError(f"no {(missing or ['test/valid'])[0]}-split metrics in "
                           f"{', '.join(map(str, run_dirs))}")
     lines = ["# recray report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", ""]
+    general = [[r for r in rows if r.get("protocol") == "general"] for rows in runs]
+    runs = [[r for r in rows if r.get("protocol") != "general"] for rows in runs]
     for split in splits:
-        lines += _comparison_section(run_dirs, runs, split, baseline)
+        if any(general):
+            lines += _general_section(run_dirs, general, split)
+        if any(r.get("split") == split for rows in runs for r in rows):
+            lines += _comparison_section(run_dirs, runs, split, baseline)
+    if not any(runs):
+        (output / "report.md").write_text("\n".join(lines))
+        return output / "report.md"
     plot_curves(runs, splits[0], output / "metrics_per_iteration.png")
     genres = plot_gu(_per_method(_finals(run_dirs, runs, splits[0])), output / "gu_by_genre.png")
     lines += [f"## Metrics per self-play iteration ({splits[0]})", "",
