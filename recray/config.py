@@ -239,7 +239,7 @@ class EvaluateConfig(Strict):
 class LoopConfig(Strict):
     """The self-play loop (spec §3); `method` picks the baseline or ablation."""
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
-                    "sdpo", "rosepo", "rw", "gdrt", "mostpop", "random", "sasrec", "alpharec",
+                    "sdpo", "rosepo", "rw", "gdrt", "mostpop", "random", "sasrec", "mostpop-general", "alpharec",
                     "alpharec-reweight", "bifair", "bifair-separate", "bifair-noentropy",
                     "bifair-eq11"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2

@@ -76,6 +76,9 @@ METHODS = {
                      recommender="random"),
     "sasrec": Method("no LLM: item-ID SASRec on the train subset, early-stopped on valid",
                      loop=False, recommender="sasrec"),
+    "mostpop-general": Method("no LLM: MostPop under BiFair's general protocol (its train "
+                              "counts, each user's known items masked)", loop=False,
+                              recommender="mostpop-general"),
     "alpharec": Method("no LLM training: an MLP (or linear, bifair.projector) over the titles' "
                        "embeddings, InfoNCE; BiFair's unfair baseline", loop=False,
                        recommender="alpharec"),
@@ -161,6 +164,12 @@ def check_config(cfg: Config) -> None:
                           f"loop.method={cfg.loop.method} also runs SFT steps on each iteration's "
                           f"samples, which RW does not define: use loop.method=rw (RW's π_0), or "
                           f"drop train.reweight")
+    scorer = cfg.train.gdrt.scorer
+    if method.gdrt and scorer and not ((Path(scorer) / "adapter_config.json").exists()
+                                       or (Path(scorer) / "config.json").exists()):
+        raise ConfigError(f"train.gdrt.scorer={scorer}: no LoRA adapter (adapter_config.json) or "
+                          f"model (config.json) there; point it at a BIGRec π_0 (a run's "
+                          f"it0/policy/adapter), or leave it unset to train one")
     if (method.recommender or "").startswith(("alpharec", "bifair")) and cfg.bifair.graph_layers \
             and cfg.bifair.protocol == "sequential":
         raise ConfigError("bifair.graph_layers: LightGCN propagates over the user-item graph of "
@@ -373,7 +382,7 @@ def _reference_evaluator(name: str, run: RunDir, cfg: Config, prepared: Path,
     scoring every item."""
     from recray.conventional import baselines, enhanced, sasrec
     from recray.conventional.evaluate import evaluate_recommender
-    if name in enhanced.VARIANTS:
+    if name in enhanced.VARIANTS or name == enhanced.GENERAL_MOSTPOP:
         return enhanced.evaluator(name, run, cfg, prepared)
     if name == "sasrec":
         if not run.done("it0/model"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # BiFair's table of docs/results.md (seed 003, Table 2's form) on MovieLens-100k under the
 # seed's general-recommendation protocol, about 70 min on a 2-core CPU machine:
-#   AlphaRec (MLP over the MiniLM title embeddings), its Reweight baseline and BiFair, each
+#   MostPop (this split's train counts; the row every model is read against), AlphaRec (MLP over the MiniLM title embeddings), its Reweight baseline and BiFair, each
 #   made fair over popularity [pop] and genre [genre] groups, seeds 0-2 (AlphaRec itself
 #   ignores groups: one row); the ablations (Separate, noEntropy, Eq11) and the Linear
 #   projector for seed 0, popularity groups; then one report.
@@ -24,13 +24,14 @@ run() {   # NAME OVERRIDES...: run, or continue a run an interruption left unfin
   if [ -f "$RUNS/$name/metrics.jsonl" ] && [ -f "$RUNS/$name/report/report.md" ]; then
     return
   elif [ -f "$RUNS/$name/manifest.json" ]; then
-    recray run "${COMMON[@]}" --resume "$RUNS/$name" "$@"
+    recray run --resume "$RUNS/$name" "${COMMON[@]}" "$@"
   else
-    recray run "${COMMON[@]}" --runs "$RUNS" --name "$name" "$@"
+    recray run --runs "$RUNS" --name "$name" "${COMMON[@]}" "$@"
   fi
 }
 
-names=()
+run mostpop-general loop.method=mostpop-general "$@"
+names=(mostpop-general)
 for seed in 0 1 2; do
   run "alpharec-s$seed" loop.method=alpharec bifair.seed=$seed "$@"
   names+=("alpharec-s$seed")

@@ -244,3 +244,18 @@ def test_bifair_runs_through_the_loop(method, ml100k_prepared, tmp_path):
             predictions, pq.read_table(prepared / "catalog.parquet"), groups)["HR@20"])
     text = report([run.root], tmp_path / "report").read_text()
     assert "BiFair" in text or "AlphaRec" in text
+
+
+def test_lightgcn_graph_is_the_symmetric_normalised_adjacency_and_trains(tmp_path):
+    graph = bifair.normalized_graph([[0, 1], [1]], n_items=3).to_dense()
+    # nodes: users 0, 1, then items 0, 1, 2; degrees u0 2, u1 1, i0 1, i1 2, i2 0
+    assert torch.allclose(graph, graph.T)
+    assert graph[0, 2] == pytest.approx(1 / np.sqrt(2 * 1)) and graph[1, 3] == pytest.approx(1 / np.sqrt(1 * 2))
+    assert graph[:, 4].abs().sum() == 0 and graph[0, 1] == 0
+    z0, (bags, _), positives, valid, _ = under_served_problem()
+    histories = [[int(i) for i, w in zip(row, ws) if w > 0] for row, ws in
+                 zip(bags.items.tolist(), bags.weights.tolist())]
+    cfg = BifairConfig(hidden=16, dim=8, batch_size=256, negatives=32, max_epochs=3, patience=3,
+                       graph_layers=2, lr_theta=1e-2)
+    record = bifair.train("bifair", z0, (bags, histories), positives, valid, cfg, tmp_path / "m")
+    assert record["epochs_run"] == 3 and 0 < record["valid_recall@20"] <= 1

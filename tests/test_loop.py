@@ -79,7 +79,7 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
 def test_methods_cover_the_paper():
     assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
                             "dmpo", "sdpo", "rosepo", "gdrt", "rw", "mostpop", "random",
-                            "sasrec", "alpharec", "alpharec-reweight", "bifair", "bifair-separate",
+                            "sasrec", "mostpop-general", "alpharec", "alpharec-reweight", "bifair", "bifair-separate",
                             "bifair-noentropy", "bifair-eq11"}
     assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"
     assert not METHODS["sprec-nodpo"].dpo and not METHODS["sprec-nosft"].sft
@@ -149,6 +149,12 @@ def test_settings_that_would_stop_or_be_ignored_by_a_run_are_refused_before_it_s
     with pytest.raises(ConfigError, match="evaluate.rerank(.|\n)*an LLM method"):
         check_config(load_config(None, ["evaluate.rerank.enabled=true", "loop.method=mostpop"]))
     check_config(load_config(None, ["evaluate.rerank.enabled=true"]))
+    with pytest.raises(ConfigError, match="train.gdrt.scorer=/nowhere: no LoRA adapter"):
+        check_config(load_config(None, ["loop.method=gdrt", "train.gdrt.scorer=/nowhere"]))
+    with pytest.raises(ConfigError, match="bifair.graph_layers"):
+        check_config(load_config(None, ["loop.method=bifair", "bifair.protocol=sequential",
+                                        "bifair.graph_layers=2"]))
+    check_config(load_config(None, ["loop.method=bifair", "bifair.graph_layers=2"]))
 
 
 def test_pool_and_workers_that_cannot_fit_together_are_refused(ray_session, monkeypatch):

@@ -88,7 +88,8 @@ def normalized_graph(bags: list[list[int]], n_items: int) -> torch.Tensor:
     degree = np.bincount(rows, minlength=len(bags) + n_items).astype(np.float32)
     values = 1.0 / np.sqrt(degree[rows] * degree[cols])
     size = len(bags) + n_items
-    return torch.sparse_coo_tensor(np.stack([rows, cols]), values, (size, size)).coalesce()
+    return torch.sparse_coo_tensor(np.stack([rows, cols]), values, (size, size),
+                                   check_invariants=True).coalesce()
 
 
 class Encoder:

@@ -28,6 +28,9 @@ from recray.evaluate.evaluate import write_evaluation
 from recray.evaluate.metrics import POPULAR, general_metrics_from_tables, popularity_groups
 
 
+GENERAL_MOSTPOP = "mostpop-general"
+
+
 def membership(catalog: pa.Table, groups: list[str], kind: str) -> tuple[torch.Tensor, list[str]]:
     """(items x groups) 0/1 and the group names: popularity (top 10% by the catalog's
     train_count) or the genre groups of groups.json."""
@@ -151,8 +154,21 @@ class Trained:
             return item_scores(encoder, self.params, self.z, rows.rows)
 
 
-def evaluate_general(trained: Trained, general: Path, prepared: Path, split: str, output: Path,
-                     about: dict | None = None, topk: int = 20) -> dict:
+class GeneralMostPop:
+    """MostPop under the general protocol: the items by this split's train count, each
+    user's known items masked (the reference row BiFair's table is read against)."""
+
+    def __init__(self, general: Path):
+        catalog = pq.read_table(general / "catalog.parquet")
+        self.index = {item: i for i, item in enumerate(catalog.column("item_id").to_pylist())}
+        self.counts = torch.tensor(catalog.column("train_count").to_numpy(), dtype=torch.float32)
+
+    def general_scores(self, general: Path, rows: EvalRows, users: list[str]) -> torch.Tensor:
+        return self.counts.repeat(len(rows.rows), 1)
+
+
+def evaluate_general(trained: Trained | GeneralMostPop, general: Path, prepared: Path, split: str,
+                     output: Path, about: dict | None = None, topk: int = 20) -> dict:
     """Rank the catalog for every user with items in `split` (its known items masked) and
     score it with the multi-target metrics; the same file contract plus target_item_ids."""
     catalog = pq.read_table(general / "catalog.parquet")
@@ -188,7 +204,7 @@ def evaluator(method: str, run, cfg: Config, prepared: Path):
     from recray.data.loaders import load
     from recray.data.prepare import prepare
     log = logging.getLogger(__name__)
-    general = cfg.bifair.protocol == "general"
+    general = cfg.bifair.protocol == "general" or method == GENERAL_MOSTPOP
     if not run.done("it0/data"):
         with run.stage("it0/data") as out:
             if general:
@@ -199,6 +215,9 @@ def evaluator(method: str, run, cfg: Config, prepared: Path):
                                 out, overwrite=True)["samples"]
             log.info("%s training data (%s protocol): %s", method, cfg.bifair.protocol, stats)
     data = run.path("it0/data")
+    if method == GENERAL_MOSTPOP:
+        return lambda split, out: evaluate_general(GeneralMostPop(data), data, prepared, split, out,
+                                                   {"protocol": "general"})
     if not run.done("it0/model"):
         with run.stage("it0/model") as out:
             log.info("%s trained: %s", method, fit(method, cfg, prepared, data, out))

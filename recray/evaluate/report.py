@@ -31,7 +31,7 @@ TABLE_COLUMNS = ("DivRatio@1", "DivRatio@5", "ORRatio@1", "ORRatio@5", "MGU@1", 
 GENERAL_COLUMNS = ("Recall@20", "NDCG@20", "HR@20", "CV@20/pop", "MIN@20/pop", "CV@20/genre",
                    "MIN@20/genre")
 LOWER_IS_BETTER = ("ORRatio", "MGU", "DGU", "CV")
-REFERENCE_ROWS = ("mostpop", "random", "sasrec", "alpharec", "alpharec-reweight", "bifair",
+REFERENCE_ROWS = ("mostpop", "random", "sasrec", "mostpop-general", "alpharec", "alpharec-reweight", "bifair",
                   "bifair-separate", "bifair-noentropy", "bifair-eq11")   # no LLM (recray.conventional)
 DIFFERENCES = ("HR@5", "HR@20", "NDCG@5")
 CURVES = ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")
@@ -39,7 +39,7 @@ METHOD_NAMES = {"bigrec": "BIGRec", "sprec": "SPRec", "sprec-nodpo": "SPRec-noDP
                 "sprec-nosft": "SPRec-noSFT", "sprec-rn": "SPRec-RN", "dmpo": "DMPO",
                 "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT",
                 "mostpop": "MostPop (train-split targets)", "random": "Random", "sasrec": "SASRec",
-                "alpharec": "AlphaRec", "alpharec-reweight": "AlphaRec + Reweight",
+                "mostpop-general": "MostPop (general train split)", "alpharec": "AlphaRec", "alpharec-reweight": "AlphaRec + Reweight",
                 "bifair": "BiFair", "bifair-separate": "BiFair-Separate",
                 "bifair-noentropy": "BiFair-noEntropy", "bifair-eq11": "BiFair-Eq11"}
 
