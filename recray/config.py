@@ -239,7 +239,7 @@ class EvaluateConfig(Strict):
 class LoopConfig(Strict):
     """The self-play loop (spec §3); `method` picks the baseline or ablation."""
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
-                    "sdpo", "rosepo", "rw", "gdrt", "mostpop", "random", "sasrec", "mostpop-general", "alpharec",
+                    "sdpo", "rosepo", "rw", "gdrt", "ufo", "mostpop", "random", "sasrec", "mostpop-general", "alpharec",
                     "alpharec-reweight", "bifair", "bifair-separate", "bifair-noentropy",
                     "bifair-eq11"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2
@@ -250,6 +250,17 @@ class LoopConfig(Strict):
     # rejected reward) or mean_pairs (the mean of k separate DPO pair losses)
     dmpo_form: Literal["mean_reward", "mean_pairs"] = "mean_reward"
     seed: int = 0
+
+
+class UfoConfig(Strict):
+    """UFO-like (seed 001; seed-methods.md §3.3, every value a [CHOICE]): the judger's weights
+    from group-exposure unfairness of the policy's own answers, and the corrector's rule."""
+    eta: float = Field(1.0, ge=0)           # SFT weights exp(−η u_g / s)
+    kappa: float = Field(1.0, ge=0)         # pair weights 1 + κ·max(0, u_g / s)
+    rho: float = Field(0.0, ge=0)           # share of the base model's prior P_g in u_g (> 0 probes it)
+    clip: float = Field(10.0, ge=1)         # both kinds of weight clipped to [1/clip, clip]
+    stop_ratio: float = Field(0.5, ge=0)    # stop once valid MGU@5 <= stop_ratio × π_0's
+    max_hr_drop: float = Field(0.1, ge=0, le=1)   # revert a step that loses more valid HR@10
 
 
 class SasrecConfig(Strict):
@@ -313,6 +324,7 @@ class Config(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     sasrec: SasrecConfig = Field(default_factory=SasrecConfig)
+    ufo: UfoConfig = Field(default_factory=UfoConfig)
     bifair: BifairConfig = Field(default_factory=BifairConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -49,6 +49,8 @@ class Method:
     reweight: bool = False      # RW (IFairLRS): re-weighted initial SFT
     loss: str | None = None     # its DPO loss (train.multi_negative_loss), e.g. RosePO's
     gdrt: bool = False          # GDRT: π_0's SFT is group DRO over answer-token groups
+    judge: bool = False         # UFO-like: a judger stage weights SFT samples and DPO pairs,
+                                # and a verdict stage may revert or stop (recray.judge)
     recommender: str | None = None   # a reference row with no LLM (recray.conventional)
 
 
@@ -70,6 +72,9 @@ METHODS = {
     "gdrt": Method("initial SFT as group DRO over answer tokens grouped by how predictable "
                    "they are without the history (train.gdrt)", loop=False, gdrt=True),
     "rw": Method("initial SFT with IFairLRS re-weighting only", loop=False, reweight=True),
+    "ufo": Method("UFO-like: SPRec's loop with a judger weighting SFT samples and DPO pairs by "
+                  "the group unfairness of the policy's own grounded answers, and a revert/stop "
+                  "rule on valid (ufo)", judge=True),
     "mostpop": Method("no LLM: the most frequent train-split targets, the same list for "
                       "everyone", loop=False, recommender="mostpop"),
     "random": Method("no LLM: a seeded uniform ranking per sample", loop=False,
@@ -106,6 +111,7 @@ def method_config(cfg: Config) -> Config:
     out = cfg.model_copy(deep=True)
     out.train.reweight = cfg.train.reweight or method.reweight
     out.generate.source = method.negatives
+    out.generate.ground = cfg.generate.ground or method.judge   # the judger reads catalog items
     if method.k is not None and "n_negatives" not in cfg.generate.model_fields_set:
         out.generate.n_negatives = method.k
     if method.dmpo and cfg.loop.dmpo_form == "mean_reward":
@@ -176,6 +182,10 @@ def check_config(cfg: Config) -> None:
                           "bifair.protocol=general; prompt samples (protocol sequential) have no "
                           "such graph: set bifair.graph_layers=0 or bifair.protocol=general")
     splits = cfg.evaluate.splits
+    if method.judge and "valid" not in splits:
+        raise ConfigError(f"loop.method={cfg.loop.method} decides after each iteration on the "
+                          f"valid split whether to keep or stop: evaluate.splits needs valid "
+                          f"(got {splits})")
     if cfg.evaluate.rerank.enabled and (method.recommender or "valid" not in splits
                                         or splits.index("valid") > 0):
         raise ConfigError("evaluate.rerank re-ranks grounded LLM answers with a penalty fitted "
@@ -193,6 +203,7 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
     from recray import train
     from recray.generate import GenerationPool
     from recray.generate.negatives import make_negatives
+    from recray.judge import judge_stage, verdict_stage
     from recray.train.token_groups import gdrt_sft_data
 
     check_config(cfg)
@@ -225,8 +236,9 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
         if on_iteration:
             on_iteration(0, metrics)
 
+        kept_valid = metrics.get("valid")       # the judger's verdicts compare on valid
         for t in range(1, iterations + 1):
-            it = f"it{t}"
+            it, previous = f"it{t}", policy
             if not run.done(f"{it}/samples"):
                 with run.stage(f"{it}/samples") as out:
                     pq.write_table(iteration_samples(train_split, cfg.loop.samples_per_iteration,
@@ -241,6 +253,11 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
                         pq.write_table(pairwise(pq.read_table(out / "negatives.parquet")),
                                        out / "negatives.parquet")
 
+            pairs = run.path(f"{it}/negatives") / "negatives.parquet"
+            if method.judge:                                      # weighted samples and pairs
+                samples, pairs = judge_stage(run, t, pool, base, samples, pairs, catalog,
+                                             prepared, cfg)
+
             reference = policy                                    # π' = π_{t-1} without SFT
             if method.sft:
                 if not run.done(f"{it}/sft"):
@@ -253,14 +270,20 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             if method.dpo:
                 if not run.done(f"{it}/policy"):
                     with run.stage(f"{it}/policy") as out:
-                        train.dpo(reference.model, run.path(f"{it}/negatives") / "negatives.parquet",
-                                  out, cfg, adapter=reference.adapter)
+                        train.dpo(reference.model, pairs, out, cfg, adapter=reference.adapter)
                 policy = _trained_policy(base, run.path(f"{it}/policy"), cfg)
             metrics = _evaluate(run, t, cfg, cfg.loop.method,
                                 _llm_evaluator(policy, pool, cfg, prepared,
                                                run.path(f"{it}/eval/valid")))
             if on_iteration:
                 on_iteration(t, metrics)
+            if method.judge:
+                verdict = verdict_stage(run, t, metrics["valid"], kept_valid, cfg)
+                write_metrics_log(run)
+                policy, kept_valid = ((policy, metrics["valid"]) if verdict["kept"]
+                                      else (previous, kept_valid))
+                if verdict["stop"]:
+                    break
 
 
 def _trained_policy(base: str, stage: Path, cfg: Config):
@@ -425,6 +448,10 @@ def _evaluate(run: RunDir, t: int, cfg: Config, label: str,
 def write_metrics_log(run: RunDir) -> Path:
     """metrics.jsonl, rebuilt from the evaluation stages: one line per (iteration, split)."""
     rows = [json.loads(p.read_text()) for p in run.root.glob("it*/eval/*/row.json")]
+    for row in rows:            # a step UFO-like's verdict reverted is not the run's model
+        verdict = run.root / f"it{row['iteration']}" / "verdict" / "verdict.json"
+        if verdict.exists() and not json.loads(verdict.read_text())["kept"]:
+            row["reverted"] = True
     rows.sort(key=lambda r: (r["iteration"], r["split"]))
     path = run.root / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

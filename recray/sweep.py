@@ -46,15 +46,15 @@ MARKER = "recray-sweep/1"
 # percentiles and Optuna turn -inf into NaN, and graded so the search still learns which
 # infeasible trials came closest.
 PENALTY = 1000.0
-_METRIC = re.compile(r"(HR|NDCG|DivRatio|ORRatio|MGU|DGU)@(\d+)|(CV|MIN)@(\d+)/(pop|genre)")
+_METRIC = re.compile(r"(HR|NDCG|Recall|DivRatio|ORRatio|MGU|DGU)@(\d+)|(CV|MIN)@(\d+)/(pop|genre)")
 
 
 def _check_metric(name: str) -> str:
     from recray.evaluate.metrics import KS
     match = _METRIC.fullmatch(name)
     if not match or int(match.group(2) or match.group(4)) not in KS:
-        raise ValueError(f"unknown metric {name!r}: one of HR, NDCG, DivRatio, ORRatio, MGU, "
-                         f"DGU as NAME@K, or CV@K/pop, MIN@K/genre, ...; K in {list(KS)}")
+        raise ValueError(f"unknown metric {name!r}: one of HR, NDCG, Recall (BiFair's general "
+                         f"protocol), DivRatio, ORRatio, MGU, DGU as NAME@K, or CV@K/pop, MIN@K/genre, ...; K in {list(KS)}")
     return name
 
 

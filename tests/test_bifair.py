@@ -242,6 +242,7 @@ def test_bifair_runs_through_the_loop(method, ml100k_prepared, tmp_path):
         assert predictions.num_rows == pq.read_table(prepared / "test").num_rows
         assert stored["HR@20"] == pytest.approx(metrics.metrics_from_tables(
             predictions, pq.read_table(prepared / "catalog.parquet"), groups)["HR@20"])
+    assert list((run.root / "tensorboard").glob("events*"))    # the training curve, per epoch
     text = report([run.root], tmp_path / "report").read_text()
     assert "BiFair" in text or "AlphaRec" in text
 

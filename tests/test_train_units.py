@@ -235,6 +235,37 @@ def test_dpo_trainer_with_several_negatives_matches_a_hand_computation(tiny, tmp
     assert loss == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
 
 
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_dpo_pair_weights_scale_each_prompts_loss(tiny, tmp_path, shared_prompt):
+    """UFO-like's pair weights: the loss is mean_b c_b ℓ_b, so weights of 1 change nothing
+    and a weight of 0 removes a prompt (both layouts carry the weight through)."""
+    import datasets
+    import pandas as pd
+
+    from recray.train.worker import make_trainer
+    from test_train_support import make_negatives
+
+    model_dir, prepared = tiny
+    neg = pd.read_parquet(make_negatives(prepared / "train", tmp_path / "neg.parquet"))
+    rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
+            for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:2]
+    job = make_job("dpo", model_dir, tmp_path, dpo_shared_prompt=shared_prompt)
+
+    def loss(data: list[dict]) -> float:
+        trainer = make_trainer(job, datasets.Dataset.from_list(data), str(tmp_path / "t"))
+        _randomize_lora(trainer.model, seed=2)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item()
+
+    plain = loss(rows)
+    assert loss([{**r, "weight": 1.0} for r in rows]) == pytest.approx(plain, abs=1e-6)
+    first_alone = loss(rows[:1])
+    assert loss([{**rows[0], "weight": 2.0}, {**rows[1], "weight": 0.0}]) == pytest.approx(
+        first_alone, abs=1e-6)
+    assert abs(first_alone - plain) > 1e-4
+
+
 def test_weighted_sft_loss_is_trl_loss_with_unit_weights(tiny, tmp_path):
     import datasets
     import pandas as pd

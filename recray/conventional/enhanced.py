@@ -203,6 +203,7 @@ def evaluator(method: str, run, cfg: Config, prepared: Path):
     from recray.conventional.general import general_split
     from recray.data.loaders import load
     from recray.data.prepare import prepare
+    from recray.tracking import track
     log = logging.getLogger(__name__)
     general = cfg.bifair.protocol == "general" or method == GENERAL_MOSTPOP
     if not run.done("it0/data"):
@@ -221,6 +222,8 @@ def evaluator(method: str, run, cfg: Config, prepared: Path):
     if not run.done("it0/model"):
         with run.stage("it0/model") as out:
             log.info("%s trained: %s", method, fit(method, cfg, prepared, data, out))
+            for entry in json.loads((out / META).read_text())["curve"]:    # TensorBoard, MLflow
+                track(cfg, run.root, entry, entry["epoch"], "fit")
     trained = Trained(run.path("it0/model"), cfg)
     about = {"protocol": cfg.bifair.protocol, "projector": cfg.bifair.projector,
              "trained_on": "general train split" if general else "whole train split"}

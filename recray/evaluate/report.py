@@ -37,7 +37,7 @@ DIFFERENCES = ("HR@5", "HR@20", "NDCG@5")
 CURVES = ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")
 METHOD_NAMES = {"bigrec": "BIGRec", "sprec": "SPRec", "sprec-nodpo": "SPRec-noDPO",
                 "sprec-nosft": "SPRec-noSFT", "sprec-rn": "SPRec-RN", "dmpo": "DMPO",
-                "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT",
+                "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT", "ufo": "UFO-like",
                 "mostpop": "MostPop (train-split targets)", "random": "Random", "sasrec": "SASRec",
                 "mostpop-general": "MostPop (general train split)", "alpharec": "AlphaRec", "alpharec-reweight": "AlphaRec + Reweight",
                 "bifair": "BiFair", "bifair-separate": "BiFair-Separate",
@@ -58,8 +58,10 @@ def load_rows(run_dir: Path) -> list[dict]:
 
 def final_rows(rows: list[dict], split: str) -> list[dict]:
     """Each run's last iteration on `split`; rows a run copied from another (loop.init_from)
-    are that other run's, so they count there only."""
-    on_split = [r for r in rows if r.get("split") == split and "reused_from" not in r]
+    are that other run's, so they count there only; a step UFO-like's verdict reverted is
+    not the run's model."""
+    on_split = [r for r in rows if r.get("split") == split and "reused_from" not in r
+                and not r.get("reverted")]
     if not on_split:
         return []
     last = max(r["iteration"] for r in on_split)

@@ -32,6 +32,11 @@ from trl.trainer.utils import global_then_local_main_first, pad, use_adapter
 from recray.train.losses import MULTI_NEGATIVE_LOSSES, personal_smoothing, rosepo_loss
 
 
+def _weights(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """A prompt's `weight` (UFO-like's pair weight), when the data has one."""
+    return {"weight": torch.tensor([float(e["weight"]) for e in examples])} if "weight" in examples[0] else {}
+
+
 @dataclass
 class MultiNegativeCollator(DataCollatorMixin):
     """Rows [chosen (B); rejected_1 (B); ...; rejected_N (B)], right-padded, plus a (B, N)
@@ -57,6 +62,7 @@ class MultiNegativeCollator(DataCollatorMixin):
             "rejected_mask": torch.tensor([[j < len(e["rejected_ids"]) for j in range(n)]
                                            for e in examples]),
             "tokens": torch.tensor([len(x) for x in ids]),
+            **_weights(examples),
         }
 
 
@@ -108,6 +114,7 @@ class SharedPromptCollator(DataCollatorMixin):
             "rejected_mask": torch.tensor([[j < len(e["rejected_ids"]) for j in range(n)]
                                            for e in examples]),
             "tokens": real.sum(1),
+            **_weights(examples),
         }
 
 
@@ -126,6 +133,10 @@ class SDPOTrainer(DPOTrainer):
             raise ValueError("SDPOTrainer implements the sigmoid/S-DPO loss with live reference "
                              "forwards only")
         super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, "weight"]
 
     # ---------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -179,9 +190,12 @@ class SDPOTrainer(DPOTrainer):
         chosen, rejected = h[:, 0], h[:, 1:]
         if self.loss_name == "rosepo":      # its smoothing reads the reference log-probs
             eps = personal_smoothing(reference[:, 0], reference[:, 1:], mask, **self.rosepo)
-            loss = rosepo_loss(chosen, rejected, mask, self.beta, eps).mean()
+            per_prompt = rosepo_loss(chosen, rejected, mask, self.beta, eps)
         else:
-            loss = MULTI_NEGATIVE_LOSSES[self.loss_name](chosen, rejected, mask, self.beta).mean()
+            per_prompt = MULTI_NEGATIVE_LOSSES[self.loss_name](chosen, rejected, mask, self.beta)
+        # Weights of mean 1 over the data (recray.judge), so the plain mean keeps the loss's scale.
+        weight = inputs.get("weight")
+        loss = (per_prompt * (1 if weight is None else weight.to(per_prompt.dtype))).mean()
         self._record(inputs, chosen.detach(), rejected.detach(), mask)
         return (loss, None) if return_outputs else loss
 

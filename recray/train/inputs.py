@@ -60,18 +60,20 @@ def _check(ds: ray.data.Dataset, where: str, needed: tuple[str, ...], what: str)
 
 def read_sft(data, reweight: bool = False) -> tuple[ray.data.Dataset, str]:
     """The SFT columns (+ RW's); a `token_groups` column (GDRT's, recray.train.token_groups)
-    is kept when the data has one."""
+    or a `weight` column (UFO-like's judger, recray.judge) is kept when the data has one."""
     ds, where = _as_dataset(data, "SFT")
     needed = SFT_COLUMNS + (RW_COLUMNS if reweight else ())
     _check(ds, where, needed, "SFT")
-    groups = ("token_groups",) if "token_groups" in ds.schema().names else ()
-    return ds.select_columns(list(needed + groups)), where
+    extras = [c for c in ("token_groups", "weight") if c in ds.schema().names]
+    return ds.select_columns(list(needed) + extras), where
 
 
 def read_negatives(data, max_negatives: int | None = None) -> tuple[ray.data.Dataset, str]:
+    """The DPO columns, and a per-prompt `weight` (UFO-like's pair weights) when present."""
     ds, where = _as_dataset(data, "DPO")
     _check(ds, where, DPO_COLUMNS, "DPO")
-    ds = ds.select_columns(list(DPO_COLUMNS)).map_batches(
+    extras = ["weight"] if "weight" in ds.schema().names else []
+    ds = ds.select_columns(list(DPO_COLUMNS) + extras).map_batches(
         _clean_negatives, fn_kwargs={"max_negatives": max_negatives}, batch_format="pandas")
     return ds, where
 

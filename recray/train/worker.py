@@ -118,7 +118,8 @@ def to_hf_dataset(rows: list[dict], kind: str):
     rows = sorted(rows, key=lambda r: (str(r["sample_id"]), str(r.get("completion", r.get("rejected")))))
     if kind == "dpo":
         keep = [{"prompt": r["prompt"], "chosen": r["chosen"],
-                 "rejected": [str(x) for x in r["rejected"]]} for r in rows]
+                 "rejected": [str(x) for x in r["rejected"]],
+                 **({"weight": float(r["weight"])} if "weight" in r else {})} for r in rows]
     else:
         keep = [{"prompt": r["prompt"], "completion": r["completion"],
                  **({"weight": float(r["weight"])} if "weight" in r else {}),
