@@ -170,6 +170,9 @@ class DecodingConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)   # sample
     max_new_tokens: int = Field(32, ge=1)   # a title line is short; decoding stops at its end
     seed: int = 0                           # sample
+    # D3's α: weight of a text-free recommender's log-prior over the titles each token leads
+    # to (greedy/beam over the catalog's titles; loop.method=d3 gives it SASRec's)
+    prior_weight: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _returns_fit_beams(self):
@@ -239,7 +242,7 @@ class EvaluateConfig(Strict):
 class LoopConfig(Strict):
     """The self-play loop (spec §3); `method` picks the baseline or ablation."""
     method: Literal["sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn", "dmpo",
-                    "sdpo", "rosepo", "rw", "gdrt", "ufo", "mostpop", "random", "sasrec", "mostpop-general", "alpharec",
+                    "sdpo", "rosepo", "rw", "gdrt", "ufo", "d3", "mostpop", "random", "sasrec", "mostpop-general", "alpharec",
                     "alpharec-reweight", "bifair", "bifair-separate", "bifair-noentropy",
                     "bifair-eq11"] = "sprec"
     base_model: str | None = None           # HF safetensors folder; None: the embedded SmolLM2

@@ -52,6 +52,7 @@ class Method:
     judge: bool = False         # UFO-like: a judger stage weights SFT samples and DPO pairs,
                                 # and a verdict stage may revert or stop (recray.judge)
     recommender: str | None = None   # a reference row with no LLM (recray.conventional)
+    prior: str | None = None    # D3: a text-free recommender whose scores guide decoding
 
 
 METHODS = {
@@ -72,6 +73,9 @@ METHODS = {
     "gdrt": Method("initial SFT as group DRO over answer tokens grouped by how predictable "
                    "they are without the history (train.gdrt)", loop=False, gdrt=True),
     "rw": Method("initial SFT with IFairLRS re-weighting only", loop=False, reweight=True),
+    "d3": Method("π_0 (BIGRec) decoded over the catalog's titles without length "
+                 "normalisation, SASRec's item scores added with weight α "
+                 "(evaluate.decoding.prior_weight)", loop=False, prior="sasrec"),
     "ufo": Method("UFO-like: SPRec's loop with a judger weighting SFT samples and DPO pairs by "
                   "the group unfairness of the policy's own grounded answers, and a revert/stop "
                   "rule on valid (ufo)", judge=True),
@@ -118,6 +122,11 @@ def method_config(cfg: Config) -> Config:
         out.train.multi_negative_loss = "mean_reward"
     if method.loss:
         out.train.multi_negative_loss = method.loss
+    if method.prior:            # D3 (seed-methods.md §5.2): 4 beams over the titles, α = 0.25
+        out.generate.constrain_to_catalog = True
+        decoding, chosen = out.evaluate.decoding, cfg.evaluate.decoding.model_fields_set
+        decoding.prior_weight = decoding.prior_weight if "prior_weight" in chosen else 0.25
+        decoding.mode = decoding.mode if "mode" in chosen else "beam"
     return out
 
 
@@ -230,9 +239,11 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             with run.stage("it0/policy") as out:
                 train.sft(base, data, out, cfg, phase="initial")
         policy = _trained_policy(base, run.path("it0/policy"), cfg)
-        metrics = _evaluate(run, 0, cfg, initial_policy(cfg.model_dump(mode="json")),
+        prior = _reference_recommender(method.prior, run, cfg, prepared) if method.prior else None
+        metrics = _evaluate(run, 0, cfg, cfg.loop.method if prior else
+                            initial_policy(cfg.model_dump(mode="json")),
                             _llm_evaluator(policy, pool, cfg, prepared,
-                                           run.path("it0/eval/valid")))
+                                           run.path("it0/eval/valid"), prior))
         if on_iteration:
             on_iteration(0, metrics)
 
@@ -391,32 +402,39 @@ def check_resources(cfg: Config, trial_cpus: float = 0) -> None:
 Evaluator = Callable[[str, Path], dict]
 
 
-def _llm_evaluator(policy, pool, cfg: Config, prepared: Path, valid_stage: Path) -> Evaluator:
+def _llm_evaluator(policy, pool, cfg: Config, prepared: Path, valid_stage: Path,
+                   prior=None) -> Evaluator:
     """`valid_stage`: this model's valid evaluation, whose re-ranker (evaluate.rerank) the
-    other splits apply."""
+    other splits apply; `prior`: D3's text-free recommender."""
     from recray.evaluate.evaluate import evaluate
     return lambda split, out: evaluate(prepared, split, policy, cfg, out, cfg.evaluate.limit,
-                                       pool=pool, rerank_plan=valid_stage / "result" / "rerank.json")
+                                       pool=pool, rerank_plan=valid_stage / "result" / "rerank.json",
+                                       prior=prior)
 
 
 def _reference_evaluator(name: str, run: RunDir, cfg: Config, prepared: Path,
                          catalog: pa.Table) -> Evaluator:
     """Random, MostPop, SASRec or an LLM-enhanced model (trained once, as stage it0/model)
     scoring every item."""
-    from recray.conventional import baselines, enhanced, sasrec
+    from recray.conventional import baselines, enhanced
     from recray.conventional.evaluate import evaluate_recommender
     if name in enhanced.VARIANTS or name == enhanced.GENERAL_MOSTPOP:
         return enhanced.evaluator(name, run, cfg, prepared)
-    if name == "sasrec":
-        if not run.done("it0/model"):
-            with run.stage("it0/model") as out:
-                log.info("sasrec trained: %s", sasrec.fit(prepared, cfg.sasrec, out))
-        recommender = sasrec.Trained(run.path("it0/model"))
-    else:
-        recommender = (baselines.MostPop(catalog) if name == "mostpop"
-                       else baselines.Random(catalog, cfg.loop.seed))
+    recommender = (_reference_recommender(name, run, cfg, prepared) if name == "sasrec" else
+                   baselines.MostPop(catalog) if name == "mostpop"
+                   else baselines.Random(catalog, cfg.loop.seed))
     return lambda split, out: evaluate_recommender(prepared, split, recommender, out,
                                                    cfg.evaluate.limit)
+
+
+def _reference_recommender(name: str, run: RunDir, cfg: Config, prepared: Path):
+    """SASRec, trained once as stage it0/model (its own row, or D3's prior)."""
+    from recray.conventional import sasrec
+    assert name == "sasrec", name
+    if not run.done("it0/model"):
+        with run.stage("it0/model") as out:
+            log.info("sasrec trained: %s", sasrec.fit(prepared, cfg.sasrec, out))
+    return sasrec.Trained(run.path("it0/model"))
 
 
 def _evaluate(run: RunDir, t: int, cfg: Config, label: str,

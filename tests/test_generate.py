@@ -211,6 +211,31 @@ def test_constrained_decoding_agrees_across_backends(pools, tiny, decoding):
         assert a == pytest.approx(b, abs=1e-3)
 
 
+@pytest.mark.parametrize("decoding", [
+    DecodingConfig(max_new_tokens=24, prior_weight=20.0),
+    DecodingConfig(mode="beam", num_beams=2, num_return=2, max_new_tokens=24, prior_weight=20.0)],
+    ids=["greedy", "beam"])
+def test_d3_prior_steers_constrained_decoding_on_both_backends(pools, tiny, decoding):
+    """D3: a heavy log-prior on one title per prompt makes it the answer on both backends
+    (which agree); with weight 0 the prior column changes nothing."""
+    import numpy as np
+
+    from recray.data.prompts import build_completion
+    table = prompts_table(4)
+    favourite = [i % len(TITLES) for i in range(table.num_rows)]
+    priors = [np.where(np.arange(len(TITLES)) == f, 0.0, -30.0).tolist() for f in favourite]
+    steered = table.append_column("item_log_prior", pa.array(priors, pa.list_(pa.float64())))
+    policy = Policy(tiny["base"], tiny["a1"])
+    outs = {b: pools[b].generate(steered, policy, decoding, TITLES) for b in BACKENDS}
+    assert outs["hf"]["candidates"].to_pylist() == outs["vllm"]["candidates"].to_pylist()
+    order = {sid: f for sid, f in zip(table.column("sample_id").to_pylist(), favourite)}
+    for sid, cands in zip(outs["hf"]["sample_id"].to_pylist(), outs["hf"]["candidates"].to_pylist()):
+        assert cands[0] == build_completion(TITLES[order[sid]])
+    plain = decoding.model_copy(update={"prior_weight": 0.0})
+    assert (pools["hf"].generate(steered, policy, plain, TITLES)["candidates"].to_pylist()
+            == pools["hf"].generate(table, policy, plain, TITLES)["candidates"].to_pylist())
+
+
 def test_constrained_sampling_is_refused_on_vllm(pools, tiny):
     with pytest.raises(ConfigError, match="constrain_to_catalog"):
         pools["vllm"].generate(prompts_table(2), Policy(tiny["base"]),

@@ -85,3 +85,38 @@ def test_constrained_beam_returns_only_allowed_answers_best_first():
     greedy = beam_search([prompt], step, width=1, num_return=1, max_new_tokens=MAX_NEW,
                          is_finished=lambda t: t[-1] == EOS, allowed=allowed)[0]
     assert greedy[0].tokens in answers
+
+
+def test_d3_prior_term_telescopes_to_the_titles_prior_and_can_overrule_the_policy():
+    """Summed over a title's tokens, D3's term is the prior's log-probability of that title
+    (a repeated title counts each of its items); with a heavy weight the search writes the
+    prior's title, with weight 0 the policy's."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from recray.assets import model_dir
+    from recray.data.prompts import build_completion
+    from recray.generate.constrain import TitleTrie, prior_bonus
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    titles = ["Heat (1995)", "Heat (1995)", "Heavy (1995)", "Casino (1995)"]
+    trie = TitleTrie(tok, titles)
+    prior = np.log(np.array([0.1, 0.2, 0.3, 0.4]))
+    for title, p in (("Heat (1995)", 0.3), ("Heavy (1995)", 0.3), ("Casino (1995)", 0.4)):
+        tokens = tok.encode(build_completion(title), add_special_tokens=False)
+        total = sum(trie.prior_term(tokens[:i], t, prior) for i, t in enumerate(tokens))
+        assert total == pytest.approx(np.log(p))
+        assert trie.prior_term(tokens, trie.end[0], prior) == 0.0
+    casino = tok.encode(build_completion("Casino (1995)"), add_special_tokens=False)
+
+    def step(seqs, k, allowed):        # a policy that prefers any token but Casino's
+        return [{t: (-5.0 if t in casino else -0.1) for t in options} for options in allowed]
+
+    def search(weight, log_prior):
+        bonus = prior_bonus(trie, [log_prior], weight)
+        beams = beam_search([[1]], step, width=2, num_return=1, max_new_tokens=12,
+                            is_finished=lambda t: bool(t) and t[-1] == trie.end[0],
+                            allowed=trie.allowed, bonus=bonus)
+        return tok.decode(beams[0][0].tokens[:-1])
+    heavy_on_casino = np.log(np.array([1e-6, 1e-6, 1e-6, 1.0]))
+    assert search(0.0, heavy_on_casino) != build_completion("Casino (1995)")
+    assert search(10.0, heavy_on_casino) == build_completion("Casino (1995)")

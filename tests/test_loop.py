@@ -78,7 +78,7 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
 
 def test_methods_cover_the_paper():
     assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
-                            "dmpo", "sdpo", "rosepo", "gdrt", "rw", "ufo", "mostpop", "random",
+                            "dmpo", "sdpo", "rosepo", "gdrt", "rw", "ufo", "d3", "mostpop", "random",
                             "sasrec", "mostpop-general", "alpharec", "alpharec-reweight", "bifair", "bifair-separate",
                             "bifair-noentropy", "bifair-eq11"}
     assert not METHODS["bigrec"].loop and METHODS["sprec-rn"].negatives == "random"

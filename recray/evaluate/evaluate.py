@@ -154,10 +154,12 @@ def load_policy_model(model_dir: str, adapter: str | None = None):
 
 
 def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int | None = None,
-             pool=None, rerank_plan: Path | None = None) -> dict:
+             pool=None, rerank_plan: Path | None = None, prior=None) -> dict:
     """Generate one answer per prompt of `split` with `policy`, then `score` and write.
     With evaluate.rerank on, valid fits the re-ranker (written as rerank.json) and any
-    other split applies the one in `rerank_plan` (that valid evaluation's rerank.json)."""
+    other split applies the one in `rerank_plan` (that valid evaluation's rerank.json).
+    `prior`: a recommender scoring every item (D3's SASRec), whose log-softmax guides
+    decoding with weight evaluate.decoding.prior_weight."""
     from recray.assets import home
     from recray.generate import GenerationPool
 
@@ -165,8 +167,14 @@ def evaluate(data_dir: Path, split: str, policy, cfg, output: Path, limit: int |
     start = time.time()
     own_pool = pool is None
     pool = pool or GenerationPool(cfg.generate, policy.model)
+    prompts = samples
+    if prior is not None:
+        scores = prior.scores(samples).astype(np.float64)
+        log_prior = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+        prompts = samples.append_column("item_log_prior", pa.array(log_prior.tolist(),
+                                                                   pa.list_(pa.float64())))
     try:
-        answers = pool.generate(samples, policy, cfg.evaluate.decoding, catalog_titles=(
+        answers = pool.generate(prompts, policy, cfg.evaluate.decoding, catalog_titles=(
             catalog.column("title").to_pylist() if cfg.generate.constrain_to_catalog else None))
     finally:
         if own_pool:

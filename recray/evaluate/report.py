@@ -37,7 +37,7 @@ DIFFERENCES = ("HR@5", "HR@20", "NDCG@5")
 CURVES = ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")
 METHOD_NAMES = {"bigrec": "BIGRec", "sprec": "SPRec", "sprec-nodpo": "SPRec-noDPO",
                 "sprec-nosft": "SPRec-noSFT", "sprec-rn": "SPRec-RN", "dmpo": "DMPO",
-                "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT", "ufo": "UFO-like",
+                "sdpo": "SDPO", "rosepo": "RosePO", "rw": "RW", "gdrt": "GDRT", "ufo": "UFO-like", "d3": "D3",
                 "mostpop": "MostPop (train-split targets)", "random": "Random", "sasrec": "SASRec",
                 "mostpop-general": "MostPop (general train split)", "alpharec": "AlphaRec", "alpharec-reweight": "AlphaRec + Reweight",
                 "bifair": "BiFair", "bifair-separate": "BiFair-Separate",

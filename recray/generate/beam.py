@@ -41,9 +41,13 @@ class _Search:
         return max(b.score for b in self.running) <= worst
 
 
+# (prompt index, generated tokens, next token) -> a term added to the token's log-prob (D3)
+Bonus = Callable[[int, list[int], int], float]
+
+
 def _advance(search: _Search, top: list[dict[int, float]], width: int,
-             is_finished: Callable[[list[int]], bool]) -> None:
-    candidates = [Beam(beam.tokens + [token], beam.score + logprob)
+             is_finished: Callable[[list[int]], bool], bonus: Callable[[list[int], int], float]) -> None:
+    candidates = [Beam(beam.tokens + [token], beam.score + logprob + bonus(beam.tokens, token))
                   for beam, options in zip(search.running, top)
                   for token, logprob in options.items()]
     # Best first; ties by token sequence, so the order never depends on dict order.
@@ -60,19 +64,27 @@ def _advance(search: _Search, top: list[dict[int, float]], width: int,
 
 def beam_search(prompts: Sequence[list[int]], step: StepFn, width: int, num_return: int,
                 max_new_tokens: int, is_finished: Callable[[list[int]], bool],
-                allowed: Callable[[list[int]], list[int]] | None = None) -> list[list[Beam]]:
+                allowed: Callable[[list[int]], list[int]] | None = None,
+                bonus: Bonus | None = None) -> list[list[Beam]]:
     """For each prompt, its `num_return` best hypotheses, best first. `allowed(generated)`:
-    the tokens a beam may take next (catalog-constrained decoding); None: any."""
+    the tokens a beam may take next (catalog-constrained decoding); None: any. `bonus`: a
+    term added to each candidate token's log-prob (D3's); the step is then asked for every
+    allowed token, since the bonus can lift any of them into the beam."""
+    if bonus is not None and allowed is None:
+        raise ValueError("a bonus term needs the allowed tokens (catalog-constrained decoding)")
     searches = [_Search(list(p)) for p in prompts]
     for _ in range(max_new_tokens):
-        live = [s for s in searches if not s.done(width)]
+        live = [i for i, s in enumerate(searches) if not s.done(width)]
         if not live:
             break
-        seqs = [s.prompt + b.tokens for s in live for b in s.running]
-        options = [allowed(b.tokens) for s in live for b in s.running] if allowed else None
-        tops = iter(step(seqs, 2 * width, options))
-        for s in live:
-            _advance(s, [next(tops) for _ in s.running], width, is_finished)
+        seqs = [searches[i].prompt + b.tokens for i in live for b in searches[i].running]
+        options = [allowed(b.tokens) for i in live for b in searches[i].running] if allowed else None
+        k = max(len(o) for o in options) if bonus else 2 * width
+        tops = iter(step(seqs, k, options))
+        for i in live:
+            s = searches[i]
+            term = (lambda tokens, token, i=i: bonus(i, tokens, token)) if bonus else (lambda *_: 0.0)
+            _advance(s, [next(tops) for _ in s.running], width, is_finished, term)
     out = []
     for s in searches:
         # Stopped early: no running beam can beat the hypotheses. Else they compete.

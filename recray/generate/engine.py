@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pyarrow as pa
 
 from recray.config import DecodingConfig, GenerateConfig
@@ -86,7 +87,10 @@ class GenerationActor:
         ids, dropped = self._prompt_ids(batch, self.cfg.max_model_len - decoding.max_new_tokens)
         sample_ids = batch.column("sample_id").to_pylist()
         seeds = [keyed_seed(decoding.seed, sid) for sid in sample_ids]
-        found = self.engine.generate(ids, decoding, seeds, policy, self._trie(catalog))
+        # D3: each prompt's log-prior over the catalog titles (recray.generate.constrain)
+        priors = ([np.asarray(p, dtype=np.float64) for p in batch.column("item_log_prior").to_pylist()]
+                  if "item_log_prior" in batch.column_names else None)
+        found = self.engine.generate(ids, decoding, seeds, policy, self._trie(catalog), priors)
         found = [sorted(c, key=lambda x: -x.score) for c in found]     # stable: best first
         return pa.table({
             "sample_id": sample_ids,

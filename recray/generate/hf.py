@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from recray.config import DecodingConfig, GenerateConfig
-from recray.generate.constrain import TitleTrie
+from recray.generate.beam import beam_search
+from recray.generate.constrain import TitleTrie, prior_bonus
 from recray.generate.policy import Policy
 from recray.generate.text import STOP, Answers, Candidate
 
@@ -82,8 +83,21 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], d: DecodingConfig, seeds: list[int],
-                 policy: Policy, trie: TitleTrie | None = None) -> list[list[Candidate]]:
-        """Prompts of similar length go together, at most hf_max_sequences sequences a call."""
+                 policy: Policy, trie: TitleTrie | None = None,
+                 priors: list | None = None) -> list[list[Candidate]]:
+        """Prompts of similar length go together, at most hf_max_sequences sequences a call.
+        With a prior (D3), recray's own beam search over `_step` (the same as vLLM's)."""
+        bonus = prior_bonus(trie, priors, d.prior_weight)
+        if bonus is not None:
+            model = self.peft if self.peft is not None else self.model
+            with self.peft.disable_adapter() if self.peft is not None and policy.adapter is None \
+                    else contextlib.nullcontext():
+                width = d.num_beams if d.mode == "beam" else 1
+                found = beam_search(prompt_ids, lambda seqs, k, allowed: self._step(model, seqs, k, allowed),
+                                    width, d.num_return if d.mode == "beam" else 1, d.max_new_tokens,
+                                    self.answers.finished, trie.allowed, bonus)
+            return [[Candidate(self.answers.text(b.tokens), b.score, len(b.tokens)) for b in beams]
+                    for beams in found]
         width = {"greedy": 1, "beam": d.num_beams, "sample": d.n}[d.mode]
         per_call = max(1, self.cfg.hf_max_sequences // width)
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
@@ -122,6 +136,26 @@ class HFBackend:
         flat = [Candidate(self.answers.text(t[:n]), s, n) for t, n, s in zip(new, lengths, scores)]
         k = len(flat) // len(batch)
         return [flat[i * k:(i + 1) * k] for i in range(len(batch))]
+
+    def _step(self, model, seqs: list[list[int]], k: int, allowed: list[list[int]]) -> list[dict[int, float]]:
+        """Each sequence's k likeliest allowed next tokens with their log-probs: one
+        left-padded forward (no cache kept between steps), hf_max_sequences at a time."""
+        out: list[dict[int, float]] = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(seqs), self.cfg.hf_max_sequences):
+            chunk = seqs[start:start + self.cfg.hf_max_sequences]
+            width = max(len(x) for x in chunk)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=self.device)
+            mask = (torch.arange(width)[None] >= torch.tensor([width - len(x) for x in chunk])[:, None]).long()
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask.to(self.device),
+                           position_ids=positions.to(self.device)).logits[:, -1].float()
+            logprobs = logits.log_softmax(-1).cpu()
+            for row, options in zip(logprobs, allowed[start:start + len(chunk)]):
+                values = row[options]
+                top = values.topk(min(k, len(options))).indices.tolist()
+                out.append({options[i]: float(values[i]) for i in top})
+        return out
 
     def close(self) -> None:
         self.model = self.peft = None

@@ -42,7 +42,8 @@ from recray.runtime import init_ray, unwrap
 
 log = logging.getLogger(__name__)
 
-INPUT_COLUMNS = ("sample_id", "prompt", "history_titles")
+# item_log_prior (D3): per prompt, a log-prior over the catalog titles, in their order
+INPUT_COLUMNS = ("sample_id", "prompt", "history_titles", "item_log_prior")
 # What a dispatcher returns: results, the attempt that made them, or a RecrayError (pickled).
 _BLOCK = (RESULT_SCHEMA.append(pa.field("attempts", pa.int32()))
           .append(pa.field("error", pa.binary())))
@@ -82,7 +83,7 @@ def _as_table(prompts) -> pa.Table:
         raise RecrayError(f"prompts lack column(s) {missing}: generation needs sample_id and "
                           f"prompt (history_titles to shorten long prompts)")
     table = table.select([c for c in INPUT_COLUMNS if c in table.column_names])
-    return table.cast(pa.schema([(f.name, pa.string()) if f.name != "history_titles" else f
+    return table.cast(pa.schema([(f.name, pa.string()) if f.name in INPUT_COLUMNS[:2] else f
                                  for f in table.schema]))
 
 
@@ -212,6 +213,11 @@ class GenerationPool:
                               "generate.backend=hf or decoding.mode greedy/beam")
         catalog = None if catalog_titles is None else (titles_key(catalog_titles), list(catalog_titles))
         table = _as_table(prompts)
+        if "item_log_prior" in table.column_names and decoding.prior_weight > 0 and (
+                catalog is None or decoding.mode == "sample"):
+            raise ConfigError("decoding.prior_weight (D3's α) weighs a prior over the catalog "
+                              "titles: it needs generate.constrain_to_catalog and greedy or beam "
+                              "decoding")
         adapter_id = None
         if policy.adapter is not None:     # a fresh id per call: vLLM never serves stale weights
             adapter_id, self._next_adapter_id = self._next_adapter_id, self._next_adapter_id + 1

@@ -26,7 +26,7 @@ import os
 from recray.config import DecodingConfig, GenerateConfig
 from recray.errors import ConfigError
 from recray.generate.beam import beam_search
-from recray.generate.constrain import TitleTrie
+from recray.generate.constrain import TitleTrie, prior_bonus
 from recray.generate.policy import Policy
 from recray.generate.text import STOP, Answers, Candidate
 
@@ -107,11 +107,13 @@ class VLLMBackend:
             self.lora = LoRARequest(f"policy-{adapter_id}", adapter_id, policy.adapter)
 
     def generate(self, prompt_ids: list[list[int]], d: DecodingConfig, seeds: list[int],
-                 policy: Policy, trie: TitleTrie | None = None) -> list[list[Candidate]]:
+                 policy: Policy, trie: TitleTrie | None = None,
+                 priors: list | None = None) -> list[list[Candidate]]:
+        bonus = prior_bonus(trie, priors, d.prior_weight)
         if d.mode == "beam":
-            return self._beam(prompt_ids, d.num_beams, d.num_return, d.max_new_tokens, trie)
+            return self._beam(prompt_ids, d.num_beams, d.num_return, d.max_new_tokens, trie, bonus)
         if trie is not None:        # greedy is the width-1 search (the pool refuses sampling)
-            return self._beam(prompt_ids, 1, 1, d.max_new_tokens, trie)
+            return self._beam(prompt_ids, 1, 1, d.max_new_tokens, trie, bonus)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         sample = d.mode == "sample"
@@ -166,9 +168,9 @@ class VLLMBackend:
         return found
 
     def _beam(self, prompt_ids: list[list[int]], width: int, num_return: int, max_new_tokens: int,
-              trie: TitleTrie | None) -> list[list[Candidate]]:
+              trie: TitleTrie | None, bonus=None) -> list[list[Candidate]]:
         found = beam_search(prompt_ids, self._step, width, num_return, max_new_tokens,
-                            self.answers.finished, trie.allowed if trie else None)
+                            self.answers.finished, trie.allowed if trie else None, bonus)
         return [[Candidate(self.answers.text(b.tokens), b.score, len(b.tokens)) for b in beams]
                 for beams in found]
 
