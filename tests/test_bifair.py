@@ -260,3 +260,27 @@ def test_lightgcn_graph_is_the_symmetric_normalised_adjacency_and_trains(tmp_pat
                        graph_layers=2, lr_theta=1e-2)
     record = bifair.train("bifair", z0, (bags, histories), positives, valid, cfg, tmp_path / "m")
     assert record["epochs_run"] == 3 and 0 < record["valid_recall@20"] <= 1
+
+
+def test_general_split_reads_the_amazon_2014_loader(ray_session, tmp_path):
+    """The general protocol on Amazon files (reviews + metadata), through the same loader as
+    `recray prepare`: low ratings and unknown items counted, users split 4:3:3."""
+    import gzip
+
+    from recray.config import DataConfig
+    from recray.conventional.general import general_split, read_general
+    from recray.data.loaders import load
+    items = [f"B{j:09d}" for j in range(12)]
+    reviews = [{"reviewerID": f"U{u}", "asin": item, "overall": 2.0 if j == 0 else 5.0,
+                "unixReviewTime": 1400000000 + j} for u in range(3) for j, item in enumerate(items)]
+    reviews.append({"reviewerID": "U0", "asin": "NOT-IN-META", "overall": 5.0, "unixReviewTime": 1})
+    (tmp_path / "reviews_Movies_and_TV_5.json").write_text("\n".join(json.dumps(r) for r in reviews) + "\n")
+    with gzip.open(tmp_path / "meta_Movies_and_TV.json.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(repr({"asin": i, "title": f"Film {j}", "categories": [["Movies", "Drama"]]})
+                          for j, i in enumerate(items)) + "\n")
+    source = load(DataConfig(format="amazon2014", input=str(tmp_path)))
+    catalog = source.catalog.append_column("train_count", pa.array([0] * source.catalog.num_rows))
+    stats = general_split(source, catalog, BifairConfig(min_user_interactions=5), tmp_path / "out", seed=0)
+    assert stats["read"] == 37 and stats["dropped_rating_below_min"] == 3
+    assert stats["dropped_item_not_in_catalog"] == 1 and stats["train_users"] == 3
+    assert all(len(v) == 4 for v in read_general(tmp_path / "out", "train").values())   # 11 × 0.4
