@@ -40,6 +40,18 @@ def answer_items(negatives: pa.Table, catalog: pa.Table) -> dict[str, str]:
     return out
 
 
+def _item_groups(catalog: pa.Table) -> dict:
+    return dict(zip(catalog.column("item_id").to_pylist(), catalog.column("categories").to_pylist()))
+
+
+def answer_unfairness(samples: pa.Table, negatives: pa.Table, catalog: pa.Table,
+                      groups: list[str]) -> tuple[dict[str, str], dict[str, float]]:
+    """(sample id -> answer item, GU_g = p_answers(g) − p_hist(g)) of a policy's negatives."""
+    answer_of = answer_items(negatives, catalog)
+    return answer_of, unfairness(list(answer_of.values()), samples.column("history_item_ids").to_pylist(),
+                                 _item_groups(catalog), groups)
+
+
 def unfairness(answers: list[str], histories: list[list[str]], item_groups: dict, groups: list[str]) -> dict[str, float]:
     """p_answers(g) − p_hist(g) per group, with the metrics' share convention."""
     p_gen = genre_shares([[a] for a in answers], item_groups, groups)
@@ -69,11 +81,10 @@ def judge(samples: pa.Table, negatives: pa.Table, catalog: pa.Table, groups: lis
           cfg: UfoConfig, out: Path, prior: dict[str, float] | None = None) -> dict:
     """Write out/samples.parquet (with `weight`), out/negatives.parquet (with `weight`, the
     pair weight) and out/judge.json (u, GU, its data and model parts, P, the weights' range)."""
-    item_groups = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("categories").to_pylist()))
-    answer_of = answer_items(negatives, catalog)
+    item_groups = _item_groups(catalog)
+    answer_of, gu = answer_unfairness(samples, negatives, catalog, groups)
     histories = samples.column("history_item_ids").to_pylist()
     targets = samples.column("target_item_id").to_pylist()
-    gu = unfairness(list(answer_of.values()), histories, item_groups, groups)
     data_part = unfairness(targets, histories, item_groups, groups)          # D_g: p_tgt − p_hist
     u = {g: gu[g] + cfg.rho * (prior or {}).get(g, 0.0) for g in groups}
     sample_ids = samples.column("sample_id").to_pylist()
@@ -103,7 +114,7 @@ def verdict(first: dict, previous: dict, current: dict, cfg: UfoConfig) -> dict:
 # ---------------------------------------------------------------- the loop's stages
 
 def judge_stage(run: RunDir, t: int, pool, base: str, samples: Path, pairs: Path, catalog: pa.Table,
-            prepared: Path, cfg: Config) -> tuple[Path, Path]:
+                prepared: Path, cfg: Config) -> tuple[Path, Path]:
     """UFO-like's judger stage it<t>/judge (and, once, the base model's prior it0/prior when
     ufo.rho > 0): the iteration's samples and pairs with their weights."""
     from recray.generate import Policy
@@ -116,12 +127,9 @@ def judge_stage(run: RunDir, t: int, pool, base: str, samples: Path, pairs: Path
                 rows = pq.read_table(samples)
                 make_negatives(pool, rows, Policy(base, None), catalog, cfg.generate, out,
                                seed=cfg.loop.seed * 1000)
-                answers = answer_items(pq.read_table(out / "negatives.parquet"), catalog)
-                item_groups = dict(zip(catalog.column("item_id").to_pylist(),
-                                       catalog.column("categories").to_pylist()))
-                (out / "prior.json").write_text(json.dumps(unfairness(
-                    list(answers.values()), rows.column("history_item_ids").to_pylist(),
-                    item_groups, groups)))
+                _, prior = answer_unfairness(rows, pq.read_table(out / "negatives.parquet"),
+                                             catalog, groups)
+                (out / "prior.json").write_text(json.dumps(prior))
         prior = json.loads((run.path("it0/prior") / "prior.json").read_text())
     stage = f"it{t}/judge"
     if not run.done(stage):

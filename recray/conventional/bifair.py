@@ -15,7 +15,6 @@ Ray task; `Trained` scores items for the evaluation code every other recommender
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from recray.config import BifairConfig
 from recray.conventional.fairness import fair_weights, group_losses
+from recray.evaluate.metrics import recall
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +170,17 @@ class EvalRows:
     masked: list[list[int]]      # known items not to recommend ([] in the sequential protocol)
 
 
+def top_items(scores: torch.Tensor, rows: EvalRows, k: int = 20) -> list[list[int]]:
+    """Each row's k best items by `scores`, its masked (known) items left out."""
+    scores = scores.clone()
+    for r, masked in enumerate(rows.masked):
+        scores[r, masked] = -torch.inf
+    return scores.topk(k, dim=1).indices.tolist()
+
+
 def recall_at(encoder: Encoder, params: dict, z: torch.Tensor, rows: EvalRows, k: int = 20) -> float:
     with torch.no_grad():
-        scores = item_scores(encoder, params, z, rows.rows)
-        for r, masked in enumerate(rows.masked):
-            scores[r, masked] = -torch.inf
-        top = scores.topk(k, dim=1).indices.tolist()
-    return float(np.mean([len(set(t) & set(top_r)) / len(set(t)) for t, top_r in zip(rows.targets, top)]))
+        return recall(top_items(item_scores(encoder, params, z, rows.rows), rows, k), rows.targets, k)
 
 
 def item_scores(encoder: Encoder, params: dict, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

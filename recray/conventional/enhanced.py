@@ -12,6 +12,7 @@ trains, the trained model as a recommender, and the general protocol's evaluatio
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -22,11 +23,13 @@ import torch
 
 from recray.config import Config
 from recray.conventional.bifair import (META, VARIANTS, WEIGHTS, Bags, Encoder, EvalRows, Positives,
-                                        item_scores, normalized_graph, projector, train)
+                                        item_scores, normalized_graph, projector, top_items, train)
 from recray.conventional.general import read_general
 from recray.evaluate.evaluate import write_evaluation
 from recray.evaluate.metrics import POPULAR, general_metrics_from_tables, popularity_groups
 
+
+log = logging.getLogger(__name__)
 
 GENERAL_MOSTPOP = "mostpop-general"
 
@@ -69,18 +72,19 @@ def sequential_problem(train_split: Path, prepared: Path, index: dict[str, int],
 
 def general_problem(general: Path, index: dict[str, int], member: torch.Tensor):
     train_items = read_general(general, "train")
-    users = sorted(train_items)
-    known = _indices([train_items[u] for u in users], index)
+    known = _indices([train_items[u] for u in sorted(train_items)], index)
     rows = [r for r, items in enumerate(known) for _ in items]
     positives = Positives.of(rows, [i for items in known for i in items], member)
-    return (Bags.of(known), known), positives, general_rows(general, "valid", users, index)
+    return (Bags.of(known), known), positives, general_rows(general, "valid", train_items, index)
 
 
-def general_rows(general: Path, split: str, users: list[str], index: dict[str, int]) -> EvalRows:
-    """The users with items in `split`; masked: their train items (and valid ones for test)."""
+def general_rows(general: Path, split: str, train_items: dict[str, list[str]],
+                 index: dict[str, int]) -> EvalRows:
+    """The users (rows in sorted order of `train_items`) with items in `split`; masked: their
+    train items (and valid ones for test)."""
     held_out = read_general(general, split)
-    masked_splits = ["train"] + (["valid"] if split == "test" else [])
-    masked = [read_general(general, s) for s in masked_splits]
+    masked = [train_items] + ([read_general(general, "valid")] if split == "test" else [])
+    users = sorted(train_items)
     row_of = {u: r for r, u in enumerate(users)}
     chosen = [u for u in users if u in held_out]
     return EvalRows(torch.tensor([row_of[u] for u in chosen]),
@@ -145,9 +149,8 @@ class Trained:
         with torch.no_grad():
             return item_scores(Encoder(self.module, bags, None, 0), self.params, self.z, None).numpy()
 
-    def general_scores(self, general: Path, rows: EvalRows, users: list[str]) -> torch.Tensor:
-        train_items = read_general(general, "train")
-        known = _indices([train_items[u] for u in users], self.index)
+    def general_scores(self, train_items: dict[str, list[str]], rows: EvalRows) -> torch.Tensor:
+        known = _indices([train_items[u] for u in sorted(train_items)], self.index)
         graph = normalized_graph(known, len(self.z)) if self.cfg.graph_layers else None
         encoder = Encoder(self.module, Bags.of(known), graph, self.cfg.graph_layers)
         with torch.no_grad():
@@ -163,7 +166,7 @@ class GeneralMostPop:
         self.index = {item: i for i, item in enumerate(catalog.column("item_id").to_pylist())}
         self.counts = torch.tensor(catalog.column("train_count").to_numpy(), dtype=torch.float32)
 
-    def general_scores(self, general: Path, rows: EvalRows, users: list[str]) -> torch.Tensor:
+    def general_scores(self, train_items: dict[str, list[str]], rows: EvalRows) -> torch.Tensor:
         return self.counts.repeat(len(rows.rows), 1)
 
 
@@ -174,13 +177,11 @@ def evaluate_general(trained: Trained | GeneralMostPop, general: Path, prepared:
     catalog = pq.read_table(general / "catalog.parquet")
     groups = json.loads((prepared / "groups.json").read_text())["groups"]
     item_ids = np.asarray(catalog.column("item_id").to_pylist(), dtype=object)
-    users = sorted(read_general(general, "train"))
-    rows = general_rows(general, split, users, trained.index)
+    train_items = read_general(general, "train")
+    users = sorted(train_items)
+    rows = general_rows(general, split, train_items, trained.index)
     start = time.time()
-    scores = trained.general_scores(general, rows, users)
-    for r, masked in enumerate(rows.masked):
-        scores[r, masked] = -torch.inf
-    top = scores.topk(topk, dim=1).indices.numpy()
+    top = top_items(trained.general_scores(train_items, rows), rows, topk)
     chosen = [users[r] for r in rows.rows.tolist()]
     predictions = pa.table({
         "user_id": pa.array(chosen, pa.string()),
@@ -197,14 +198,11 @@ def evaluate_general(trained: Trained | GeneralMostPop, general: Path, prepared:
 def evaluator(method: str, run, cfg: Config, prepared: Path):
     """The loop's evaluator for `method`: its training data (stage it0/data: the whole train
     split, or the general split) and model (it0/model) made once, then (split, out) -> metrics."""
-    import logging
-
     from recray.conventional.evaluate import evaluate_recommender
     from recray.conventional.general import general_split
     from recray.data.loaders import load
     from recray.data.prepare import prepare
     from recray.tracking import track
-    log = logging.getLogger(__name__)
     general = cfg.bifair.protocol == "general" or method == GENERAL_MOSTPOP
     if not run.done("it0/data"):
         with run.stage("it0/data") as out:

@@ -197,6 +197,14 @@ def popularity_groups(item_ids: Sequence[ItemId], train_counts: Sequence[int] | 
     return {ids[i]: POPULAR if pos < n_top else UNPOPULAR for pos, i in enumerate(order)}
 
 
+def _list_metrics(topk_lists, history_lists, item_categories: Mapping[ItemId, Iterable[str]],
+                  groups: Sequence[str], k: int) -> dict[str, float]:
+    """What the top-K lists alone show, whatever the targets: DivRatio, ORRatio, MGU, DGU, GU."""
+    gu, mgu, dgu = group_unfairness(topk_lists, history_lists, item_categories, groups, k)
+    return {f"DivRatio@{k}": div_ratio(topk_lists, k), f"ORRatio@{k}": or_ratio(topk_lists, k),
+            f"MGU@{k}": mgu, f"DGU@{k}": dgu, **{f"GU@{k}/{g}": v for g, v in gu.items()}}
+
+
 def all_metrics(target_ranks: Sequence[int] | np.ndarray,
                 topk_lists: Sequence[Sequence[ItemId]] | np.ndarray,
                 history_lists: Sequence[Sequence[ItemId]], target_items: Sequence[ItemId],
@@ -230,11 +238,7 @@ def all_metrics(target_ranks: Sequence[int] | np.ndarray,
     for k in ks:
         out[f"HR@{k}"] = hit_ratio(ranks, k)
         out[f"NDCG@{k}"] = ndcg(ranks, k)
-        out[f"DivRatio@{k}"] = div_ratio(topk_lists, k)
-        out[f"ORRatio@{k}"] = or_ratio(topk_lists, k)
-        gu, out[f"MGU@{k}"], out[f"DGU@{k}"] = group_unfairness(
-            topk_lists, history_lists, item_categories, groups, k)
-        out.update({f"GU@{k}/{g}": v for g, v in gu.items()})
+        out.update(_list_metrics(topk_lists, history_lists, item_categories, groups, k))
         for name, targets in (("pop", pop_targets), ("genre", genre_targets)):
             _, out[f"CV@{k}/{name}"], out[f"MIN@{k}/{name}"] = group_utility(ranks, targets, k)
     return out
@@ -307,11 +311,7 @@ def general_metrics(topk_lists, target_lists, history_lists, item_categories: Ma
         out[f"Recall@{k}"] = recall(topk_lists, target_lists, k)
         out[f"NDCG@{k}"] = ndcg_multi(topk_lists, target_lists, k)
         out[f"HR@{k}"] = hit_any(topk_lists, target_lists, k)
-        out[f"DivRatio@{k}"] = div_ratio(topk_lists, k)
-        out[f"ORRatio@{k}"] = or_ratio(topk_lists, k)
-        gu, out[f"MGU@{k}"], out[f"DGU@{k}"] = group_unfairness(
-            topk_lists, history_lists, item_categories, groups, k)
-        out.update({f"GU@{k}/{g}": v for g, v in gu.items()})
+        out.update(_list_metrics(topk_lists, history_lists, item_categories, groups, k))
         for name, of in (("pop", pop_of), ("genre", genre_of)):
             _, out[f"CV@{k}/{name}"], out[f"MIN@{k}/{name}"] = group_recall_utility(
                 topk_lists, target_lists, of, k)

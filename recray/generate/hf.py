@@ -87,24 +87,16 @@ class HFBackend:
                  priors: list | None = None) -> list[list[Candidate]]:
         """Prompts of similar length go together, at most hf_max_sequences sequences a call.
         With a prior (D3), recray's own beam search over `_step` (the same as vLLM's)."""
-        bonus = prior_bonus(trie, priors, d.prior_weight)
-        if bonus is not None:
-            model = self.peft if self.peft is not None else self.model
-            with self.peft.disable_adapter() if self.peft is not None and policy.adapter is None \
-                    else contextlib.nullcontext():
-                width = d.num_beams if d.mode == "beam" else 1
-                found = beam_search(prompt_ids, lambda seqs, k, allowed: self._step(model, seqs, k, allowed),
-                                    width, d.num_return if d.mode == "beam" else 1, d.max_new_tokens,
-                                    self.answers.finished, trie.allowed, bonus)
-            return [[Candidate(self.answers.text(b.tokens), b.score, len(b.tokens)) for b in beams]
-                    for beams in found]
-        width = {"greedy": 1, "beam": d.num_beams, "sample": d.n}[d.mode]
-        per_call = max(1, self.cfg.hf_max_sequences // width)
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         model = self.peft if self.peft is not None else self.model
         base_only = self.peft is not None and policy.adapter is None
-        out: list[list[Candidate]] = [[] for _ in prompt_ids]
         with self.peft.disable_adapter() if base_only else contextlib.nullcontext():
+            bonus = prior_bonus(trie, priors, d.prior_weight)
+            if bonus is not None:
+                return self._prior_search(model, prompt_ids, d, trie, bonus)
+            width = {"greedy": 1, "beam": d.num_beams, "sample": d.n}[d.mode]
+            per_call = max(1, self.cfg.hf_max_sequences // width)
+            order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+            out: list[list[Candidate]] = [[] for _ in prompt_ids]
             for start in range(0, len(order), per_call):
                 rows = order[start:start + per_call]
                 found = self._generate(model, [prompt_ids[i] for i in rows], d, seeds[rows[0]],
@@ -112,6 +104,16 @@ class HFBackend:
                 for i, candidates in zip(rows, found):
                     out[i] = candidates
         return out
+
+    def _prior_search(self, model, prompt_ids: list[list[int]], d: DecodingConfig,
+                      trie: TitleTrie, bonus) -> list[list[Candidate]]:
+        """D3: greedy (width 1) or beam search over `_step` with the prior's bonus."""
+        beam = d.mode == "beam"
+        found = beam_search(prompt_ids, lambda seqs, k, allowed: self._step(model, seqs, k, allowed),
+                            d.num_beams if beam else 1, d.num_return if beam else 1,
+                            d.max_new_tokens, self.answers.finished, trie.allowed, bonus)
+        return [[Candidate(self.answers.text(b.tokens), b.score, len(b.tokens)) for b in beams]
+                for beams in found]
 
     def _generate(self, model, batch: list[list[int]], d: DecodingConfig, seed: int,
                   trie: TitleTrie | None) -> list[list[Candidate]]:
