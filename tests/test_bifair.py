@@ -203,6 +203,7 @@ def test_bifair_lowers_popularity_cv_against_the_unfair_baseline(tmp_path):
     cv_base, worst_base, _ = _pop_cv("alpharec", tmp_path, cfg)
     cv_fair, worst_fair, record = _pop_cv("bifair", tmp_path, cfg)
     assert record["epochs_run"] == 15 and len(record["curve"]) == 15
+    assert record["positives_never_sampled"] == 0        # every item is popular or not
     assert cv_fair < cv_base and worst_fair > worst_base, (cv_base, cv_fair, worst_base, worst_fair)
 
 

@@ -241,8 +241,11 @@ def train(method: str, z0: np.ndarray, encoder_parts: tuple[Bags, list[list[int]
             break
     out.mkdir(parents=True, exist_ok=True)
     save_file(best_state, str(out / WEIGHTS))
+    in_no_group = int((positives.membership[positives.items].sum(1) == 0).sum())
     record = {"method": method, "best_epoch": best_epoch, "valid_recall@20": best,
               "epochs_run": len(curve), "positives": len(positives.items),
+              # a stratified batch never draws these (their item is in no group)
+              "positives_never_sampled": in_no_group if variant.sampling == "stratified" else 0,
               "seconds": round(time.time() - start, 1), "curve": curve}
     return record
 
