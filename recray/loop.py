@@ -307,14 +307,15 @@ def _trained_policy(base: str, stage: Path, cfg: Config):
     return Policy(str(stage / "model"), None)
 
 
-# What makes two runs' π_0 the same model evaluated the same way (with the methods'
-# switches applied: method_config).
+# What makes two runs' π_0 the same model (with the methods' switches applied:
+# method_config), and what makes its evaluation rows the same (with the engine's backend).
 INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "train.reweight",
                        "train.max_length", "train.seed", "train.per_device_batch_size",
                        "train.gradient_accumulation_steps", "train.scaling.num_workers",
                        "train.scaling.use_gpu", "train.precision", "train.warmup_ratio",
-                       "train.weight_decay", "train.deepspeed", "generate.max_model_len",
-                       "generate.constrain_to_catalog", "evaluate")
+                       "train.weight_decay", "train.deepspeed")
+EVALUATION_KEYS = ("generate.max_model_len", "generate.constrain_to_catalog", "evaluate.decoding",
+                   "evaluate.embedder", "evaluate.limit", "evaluate.rerank")
 
 
 def initial_policy(config: dict) -> str:
@@ -330,37 +331,39 @@ def effective_config(config: dict) -> dict:
 
 
 def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -> None:
-    """Start from another run's π_0 (ablations of one seed share it): copy its it0 stages,
-    marking the evaluation rows as reused so a report counts that model once. Both runs'
-    configs are compared as π_0 was trained (effective_config); `engine`: the generation
-    engine of this run, against the one the source recorded."""
+    """Start from another run's π_0 (ablations of one seed share it): copy its it0/policy,
+    refusing a source trained another way (the configs compared as π_0 was trained:
+    effective_config). Its evaluation rows are copied too, marked as reused so a report
+    counts that model once, when they were made the way this run evaluates (same
+    evaluation keys and generation engine, `engine`); otherwise this run evaluates π_0
+    itself (D3's decoding, IFairLRS's re-ranking)."""
     from recray.rundir import config_diff
     if not (source / "it0" / "policy" / ".stage.json").exists():
         raise ConfigError(f"loop.init_from: {source} holds no finished it0/policy stage")
     manifest = json.loads((source / "manifest.json").read_text())
     theirs = effective_config(manifest["config"])
     ours = effective_config(cfg.model_dump(mode="json"))
-    differences = []
-    for key in INITIAL_POLICY_KEYS:
-        a, b = _pick(theirs, key), _pick(ours, key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differences += config_diff(a, b, key + ".")
-        elif a != b:
-            differences.append(f"{key}: {a!r} -> {b!r}")
+    differences = _differences(theirs, ours, INITIAL_POLICY_KEYS)
     if initial_policy(theirs) != initial_policy(ours):
         differences.append(f"π_0: {initial_policy(theirs)!r} -> {initial_policy(ours)!r}")
     elif initial_policy(ours) == "gdrt":
         differences += config_diff(theirs["train"]["gdrt"], ours["train"]["gdrt"], "train.gdrt.")
-    their_backend = manifest.get("generation_engine", {}).get("backend",
-                                                             _pick(theirs, "generate.backend"))
-    if their_backend != engine["backend"]:
-        differences.append(f"generation backend (π_0's evaluation): {their_backend!r} -> "
-                           f"{engine['backend']!r}")
     if differences:
         raise ConfigError(f"loop.init_from: {source} trained π_0 with another config:\n  "
                           + "\n  ".join(differences))
-    stages = ["it0/policy"] + [f"it0/eval/{split}" for split in cfg.evaluate.splits
-                               if (source / "it0" / "eval" / split / ".stage.json").exists()]
+    evaluated_otherwise = _differences(theirs, ours, EVALUATION_KEYS)
+    their_backend = manifest.get("generation_engine", {}).get("backend",
+                                                             _pick(theirs, "generate.backend"))
+    if their_backend != engine["backend"]:
+        evaluated_otherwise.append(f"generation backend: {their_backend!r} -> "
+                                   f"{engine['backend']!r}")
+    stages = ["it0/policy"]
+    if evaluated_otherwise:
+        log.warning("loop.init_from: %s evaluated π_0 another way (%s): this run evaluates it "
+                    "again", source, "; ".join(evaluated_otherwise))
+    else:
+        stages += [f"it0/eval/{split}" for split in cfg.evaluate.splits
+                   if (source / "it0" / "eval" / split / ".stage.json").exists()]
     for stage in stages:
         if run.done(stage):
             continue
@@ -370,6 +373,18 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
             if (out / "row.json").exists():
                 row = json.loads((out / "row.json").read_text())
                 (out / "row.json").write_text(json.dumps({**row, "reused_from": str(source)}))
+
+
+def _differences(theirs: dict, ours: dict, keys: tuple[str, ...]) -> list[str]:
+    from recray.rundir import config_diff
+    differences = []
+    for key in keys:
+        a, b = _pick(theirs, key), _pick(ours, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_diff(a, b, key + ".")
+        elif a != b:
+            differences.append(f"{key}: {a!r} -> {b!r}")
+    return differences
 
 
 def _pick(tree: dict, dotted: str):

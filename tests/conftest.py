@@ -4,6 +4,7 @@ is the slow part of Ray on 2 cores."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,19 @@ def tiny_run_overrides(tiny_model) -> list[str]:
             "train.scaling.num_workers=1", "train.per_device_batch_size=8", "train.save_steps=1",
             "train.sft.epochs=1", "generate.backend=hf", "evaluate.decoding.mode=greedy",
             "generate.decoding.max_new_tokens=8", "evaluate.decoding.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pi0_run(ray_session, tiny_run_overrides, tmp_path_factory) -> Path:
+    """One BIGRec run of the tiny model, trained once per session: loop tests start from its
+    π_0 (loop.init_from) and its prepared split instead of each paying for their own."""
+    from recray.config import load_config
+    from recray.job import run_job
+    cfg = load_config(None, [*tiny_run_overrides, "loop.method=bigrec", "tracking.mlflow=false"])
+    return run_job(cfg, tmp_path_factory.mktemp("pi0") / "bigrec").root
+
+
+@pytest.fixture(scope="session")
+def tiny_pi0(tiny_pi0_run, tiny_run_overrides) -> list[str]:
+    """tiny_run_overrides starting from tiny_pi0_run's π_0."""
+    return [*tiny_run_overrides, f"loop.init_from={tiny_pi0_run}"]

@@ -146,19 +146,19 @@ def test_reference_rows_run_through_the_loop(method, ml100k_prepared, tmp_path):
 
 
 
-def test_d3_decodes_pi0_over_the_catalog_with_sasrec_as_prior(tiny_run_overrides, tmp_path):
+def test_d3_decodes_pi0_over_the_catalog_with_sasrec_as_prior(tiny_pi0, tiny_pi0_run, tmp_path):
     """loop.method=d3: π_0, SASRec (stage it0/model), then every evaluation answer an exact
     catalog title; the row is D3's, with the α it decoded with."""
     from recray.config import load_config
     from recray.job import run_job
     from recray.loop import method_config
-    cfg = load_config(None, [*tiny_run_overrides, "loop.method=d3", "sasrec.max_epochs=2",
+    cfg = load_config(None, [*tiny_pi0, "loop.method=d3", "sasrec.max_epochs=2",
                              "evaluate.decoding.max_new_tokens=40",
                              "tracking.mlflow=false", "evaluate.splits=[valid,test]"])
     effective = method_config(cfg)
     assert effective.generate.constrain_to_catalog and effective.evaluate.decoding.prior_weight == 0.25
     assert effective.evaluate.decoding.mode == "greedy"          # as the overrides chose
-    run = run_job(cfg, tmp_path / "d3")
+    run = run_job(cfg, tmp_path / "d3", prepared=tiny_pi0_run / "prepared")
     rows = [json.loads(line) for line in (run.root / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["split"]) for r in rows] == [("d3", "test"), ("d3", "valid")]
     assert all(r["exact_title_share"] == 1.0 for r in rows)

@@ -52,14 +52,14 @@ def test_verdict_reverts_a_step_that_loses_hr_and_stops_when_fair_enough():
     assert not verdict(first, first, {"HR@10": 0.2, "MGU@5": 0.05}, cfg)["stop"]
 
 
-def test_ufo_runs_through_the_loop_with_weighted_steps(ray_session, tiny_run_overrides, tmp_path):
+def test_ufo_runs_through_the_loop_with_weighted_steps(tiny_pi0, tiny_pi0_run, tmp_path):
     from recray.config import load_config
     from recray.job import run_job
-    cfg = load_config(None, [*tiny_run_overrides, "loop.method=ufo", "tracking.mlflow=false",
+    cfg = load_config(None, [*tiny_pi0, "loop.method=ufo", "tracking.mlflow=false",
                              "ufo.rho=1", "evaluate.splits=[valid,test]"])
-    run = run_job(cfg, tmp_path / "ufo")
+    run = run_job(cfg, tmp_path / "ufo", prepared=tiny_pi0_run / "prepared")
     record = json.loads((run.root / "it1" / "judge" / "judge.json").read_text())
-    assert set(record["u"]) == set(json.loads((run.root / "prepared" / "groups.json").read_text())["groups"])
+    assert set(record["u"]) == set(json.loads((tiny_pi0_run / "prepared" / "groups.json").read_text())["groups"])
     assert record["prior"] is not None and (run.root / "it0" / "prior" / "negatives.parquet").exists()
     weighted = pq.read_table(run.root / "it1" / "judge" / "samples.parquet")
     assert weighted.column("weight").to_numpy().mean() == pytest.approx(1)

@@ -76,6 +76,61 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
     assert again.returncode == 2 and "train.beta: 0.1 -> 0.5" in again.stderr
 
 
+# What defines each method's iteration, read from its stages: (stages it has, stages it
+# lacks, the negatives' source per row, negatives per row, the DPO loss).
+LOOP_METHODS = {
+    "sprec-nosft": ({"it1/negatives", "it1/policy"}, {"it1/sft"}, "self", 1, "softmax"),
+    "sprec-nodpo": ({"it1/sft"}, {"it1/negatives", "it1/policy"}, None, None, None),
+    "sprec-rn": ({"it1/negatives", "it1/sft", "it1/policy"}, set(), "random", 1, "softmax"),
+    "dmpo": ({"it1/negatives", "it1/policy"}, {"it1/sft"}, "random", 3, "mean_reward"),
+    "sdpo": ({"it1/negatives", "it1/policy"}, {"it1/sft"}, "random", 3, "softmax"),
+    "rosepo": ({"it1/negatives", "it1/policy"}, {"it1/sft"}, "semantic", 1, "rosepo"),
+}
+
+
+@pytest.mark.parametrize("method", list(LOOP_METHODS))
+def test_each_loop_method_runs_from_one_shared_pi0(method, tiny_pi0, tiny_pi0_run, tmp_path):
+    """Every loop method through run_loop from the session's π_0 (loop.init_from): its own
+    stages, negatives and loss; BIGRec's rows are the source's, counted there."""
+    from recray.config import load_config
+    from recray.job import run_job
+    cfg = load_config(None, [*tiny_pi0, f"loop.method={method}", "tracking.mlflow=false"])
+    run = run_job(cfg, tmp_path / method, prepared=tiny_pi0_run / "prepared").root
+    has, lacks, source, k, loss = LOOP_METHODS[method]
+    stages = set(stage_records(run))
+    assert has <= stages and not lacks & stages, stages
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["iteration"], r["split"], "reused_from" in r) for r in rows) == [
+        ("bigrec", 0, "test", True), ("bigrec", 0, "valid", True),
+        (method, 1, "test", False), (method, 1, "valid", False)]
+    if source:
+        negatives = pq.read_table(run / "it1" / "negatives" / "negatives.parquet")
+        stats = json.loads((run / "it1" / "negatives" / "negatives_stats.json").read_text())
+        # the tiny model's own answers are rarely titles: its rows are topped up at random
+        allowed = {source, "random", "mixed"} if source == "self" else {source}
+        assert stats["source"] == source and set(negatives.column("source").to_pylist()) <= allowed
+        assert {len(r) for r in negatives.column("rejected").to_pylist()} == {k}
+        dpo = json.loads((run / "it1" / "policy" / "summary.json").read_text())
+        assert dpo["loss"] == loss
+        start = "it0/policy" if "it1/sft" in lacks else "it1/sft"     # noSFT: DPO from π_0
+        assert dpo["adapter"].endswith(f"{run.name}/{start}/adapter"), dpo["adapter"]
+
+
+def test_reranking_evaluates_the_shared_pi0_again_and_is_its_own_row(tiny_pi0, tiny_pi0_run,
+                                                                      tmp_path):
+    """evaluate.rerank on BIGRec from another run's π_0: the weights are copied, the
+    evaluation is this run's (valid fits λ, test applies it), and the report names it."""
+    from recray.config import load_config
+    from recray.job import run_job
+    cfg = load_config(None, [*tiny_pi0, "loop.method=bigrec", "evaluate.rerank.enabled=true",
+                             "tracking.mlflow=false"])
+    run = run_job(cfg, tmp_path / "rerank", prepared=tiny_pi0_run / "prepared").root
+    plan = json.loads((run / "it0" / "eval" / "valid" / "result" / "rerank.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("reused_from" not in r and r["rerank"]["lambda"] == plan["lambda"] for r in rows)
+    assert "| BIGRec + IFairLRS re-ranking |" in (run / "report" / "report.md").read_text()
+
+
 def test_methods_cover_the_paper():
     assert set(METHODS) == {"sprec", "bigrec", "sprec-nodpo", "sprec-nosft", "sprec-rn",
                             "dmpo", "sdpo", "rosepo", "gdrt", "rw", "ufo", "d3", "mostpop", "random",
@@ -168,11 +223,11 @@ def test_pool_and_workers_that_cannot_fit_together_are_refused(ray_session, monk
     check_resources(load_config(None, ["train.scaling.num_workers=2", "generate.cpus_per_actor=0"]))
 
 
-def test_init_from_copies_pi0_once_and_refuses_another_config(tmp_path):
+def test_init_from_copies_pi0_once_refuses_another_config_and_reevaluates(tmp_path):
     from recray.config import load_config
     from recray.errors import ConfigError
     from recray.evaluate.report import TABLE_COLUMNS, report
-    from recray.loop import reuse_initial_policy
+    from recray.loop import method_config, reuse_initial_policy
     from recray.rundir import RunDir
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml")
@@ -204,17 +259,24 @@ def test_init_from_copies_pi0_once_and_refuses_another_config(tmp_path):
         reuse_initial_policy(fresh, source.root, other, vllm)
     with pytest.raises(ConfigError, match="no finished it0/policy"):
         reuse_initial_policy(fresh, tmp_path / "nodpo" / "it0", other, vllm)
-    # Settings only the method switches on (RW's re-weighting), the batch, and the engine
-    # that evaluated π_0 are compared too.
-    for overrides, engine, expected in [
-            (["loop.method=rw"], vllm, r"train.reweight: False -> True"),
-            (["train.per_device_batch_size=8", "train.scaling.num_workers=1"], vllm,
-             r"train.per_device_batch_size: 4 -> 8(.|\n)*train.scaling.num_workers: 2 -> 1"),
-            ([], {"backend": "hf"}, r"generation backend \(π_0's evaluation\): 'vllm' -> 'hf'")]:
+    # Settings only the method switches on (RW's re-weighting) and the batch are compared too.
+    for overrides, expected in [
+            (["loop.method=rw"], r"train.reweight: False -> True"),
+            (["train.per_device_batch_size=8", "train.scaling.num_workers=1"],
+             r"train.per_device_batch_size: 4 -> 8(.|\n)*train.scaling.num_workers: 2 -> 1")]:
         other = load_config(ROOT / "configs" / "ml100k.yaml",
                             [*overrides, f"loop.init_from={source.root}"])
         with pytest.raises(ConfigError, match=expected):
-            reuse_initial_policy(fresh, source.root, other, engine)
+            reuse_initial_policy(fresh, source.root, other, vllm)
+    # π_0 evaluated another way (another engine, D3's decoding, re-ranking): the weights are
+    # copied, the evaluation rows are not (this run evaluates π_0 itself).
+    for i, (overrides, engine) in enumerate([([], {"backend": "hf"}), (["loop.method=d3"], vllm),
+                                             (["evaluate.rerank.enabled=true"], vllm)]):
+        other = load_config(ROOT / "configs" / "ml100k.yaml",
+                            [*overrides, f"loop.init_from={source.root}"])
+        again = RunDir.create(tmp_path / f"again{i}", other.model_dump(mode="json"), {})
+        reuse_initial_policy(again, source.root, method_config(other), engine)
+        assert again.done("it0/policy") and not again.done("it0/eval/test"), overrides
 
     # The ablation's copy of π_0's row shows in its curve but BIGRec counts once.
     for r in (source.root, run.root):

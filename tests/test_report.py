@@ -118,3 +118,15 @@ def test_differences_reach_bigrec_inside_a_sprec_run(tmp_path):
     text = report([run], tmp_path / "out").read_text()
     assert "| BIGRec | " in text and "| SPRec | " in text
     assert next(line for line in text.splitlines() if line.startswith("| SPRec (sprec)")).split(" | ")[1].startswith("+0.1000")
+
+
+def test_a_reranked_model_is_its_own_row(tmp_path):
+    """evaluate.rerank on top of BIGRec is another model than BIGRec: its own labelled row."""
+    plain, reranked = tmp_path / "bigrec", tmp_path / "bigrec-rerank"
+    for path, extra in ((plain, {}), (reranked, {"rerank": {"lambda": 0.1, "k": 5}})):
+        path.mkdir()
+        row = {"method": "bigrec", "iteration": 0, "split": "test",
+               **{c: 0.1 for c in TABLE_COLUMNS}, **extra}
+        (path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    text = report([plain, reranked], tmp_path / "out").read_text()
+    assert "| BIGRec | 0.1000" in text and "| BIGRec + IFairLRS re-ranking | 0.1000" in text

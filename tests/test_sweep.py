@@ -166,11 +166,11 @@ def test_trials_that_cannot_run_side_by_side_are_refused(ray_session, tmp_path, 
         check_concurrency(sweep.model_copy(update={"max_concurrent_trials": None}), base)
 
 
-def test_two_trial_sweep_end_to_end(ray_session, tiny_run_overrides, tmp_path):
+def test_two_trial_sweep_end_to_end(tiny_pi0, tmp_path):
     """tune/sweep-tiny.yaml on the tiny model: 2 trials of 1 iteration, one at a time."""
     from recray.cli import main
     from recray.sweep import run_sweep
-    sweep, base = load_sweep(ROOT / "tune" / "sweep-tiny.yaml", tiny_run_overrides)
+    sweep, base = load_sweep(ROOT / "tune" / "sweep-tiny.yaml", tiny_pi0)
     root = tmp_path / "sweep"
     report = run_sweep(sweep, base, root)
 

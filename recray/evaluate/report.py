@@ -74,6 +74,8 @@ def row_name(row: dict, default: str) -> str:
     name = row.get("method", default)
     if row.get("projector") == "linear":
         name += " linear"
+    if "rerank" in row:         # IFairLRS's re-ranking on top of the model (evaluate.rerank)
+        name += " +rerank"
     return name + (f" [{row['groups_trained']}]" if "groups_trained" in row else "")
 
 
@@ -83,6 +85,8 @@ def _label(name: str) -> str:
     if rest.startswith("linear"):
         label = label.replace("AlphaRec", "Linear") if "AlphaRec" in label else f"{label} (linear)"
         rest = rest[len("linear"):].strip()
+    if rest.startswith("+rerank"):
+        label, rest = f"{label} + IFairLRS re-ranking", rest[len("+rerank"):].strip()
     return f"{label} {rest}".strip()
 
 

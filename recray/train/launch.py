@@ -164,6 +164,8 @@ def _summary(history: list[dict], data_stats: dict, seconds: float, job: Job) ->
     summary["train_loss"] = end.get("train_loss")
     speeds = [h["tokens_per_second"] for h in steps if "tokens_per_second" in h]
     summary["tokens_per_second"] = sum(speeds) / len(speeds) if speeds else None
+    if job.kind == "dpo":
+        summary["loss"] = job.train["multi_negative_loss"]
     if job.kind == "dpo" and steps:
         acc = [h["rewards/accuracies"] for h in steps]
         summary["reward_accuracy"] = sum(acc) / len(acc)          # mean over the epoch's logs
