@@ -130,3 +130,22 @@ def test_a_reranked_model_is_its_own_row(tmp_path):
         (path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     text = report([plain, reranked], tmp_path / "out").read_text()
     assert "| BIGRec | 0.1000" in text and "| BIGRec + IFairLRS re-ranking | 0.1000" in text
+
+
+def test_a_run_whose_every_step_was_reverted_reports_the_policy_it_kept(tmp_path):
+    """UFO-like from another run's π_0 with both steps reverted: its model is that π_0,
+    shown as the run's own row (not left out, not a crash); one kept step is that step."""
+    def rows(reverted):
+        out = [{"method": "bigrec", "iteration": 0, "split": "test", "reused_from": "/x",
+                **{c: 0.1 for c in TABLE_COLUMNS}}]
+        for t, flag in enumerate(reverted, start=1):
+            out.append({"method": "ufo", "iteration": t, "split": "test", "reverted": flag,
+                        **{c: 0.1 * (t + 1) for c in TABLE_COLUMNS}})
+        return out
+    for name, reverted, expected in (("all", [True, True], "0.1000"),
+                                     ("first", [False, True], "0.2000")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(reverted)))
+        text = report([run], tmp_path / f"out-{name}").read_text()
+        assert f"| UFO-like | {expected}" in text and "| BIGRec |" not in text

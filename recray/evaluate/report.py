@@ -241,8 +241,21 @@ def _finals(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[tu
     for run_dir, rows in zip(run_dirs, runs):
         for method in dict.fromkeys(r.get("method", Path(run_dir).name) for r in rows):
             mine = [r for r in rows if r.get("method", Path(run_dir).name) == method]
-            out += [(Path(run_dir), r) for r in final_rows(mine, split)]
+            finals = final_rows(mine, split)
+            if not finals and any(r.get("reverted") for r in mine if r.get("split") == split):
+                finals = kept_policy_rows(rows, split, method)
+            out += [(Path(run_dir), r) for r in finals]
     return out
+
+
+def kept_policy_rows(rows: list[dict], split: str, method: str) -> list[dict]:
+    """A run whose verdicts reverted every step of `method` (UFO-like): its model is the
+    policy it kept (π_0, perhaps copied from another run), so that row stands for the run
+    under the run's method, with the iteration it comes from."""
+    kept = [r for r in rows if r.get("split") == split and not r.get("reverted")]
+    last = max(r["iteration"] for r in kept)
+    return [{**{k: v for k, v in r.items() if k != "reused_from"}, "method": method,
+             "kept_iteration": last} for r in kept if r["iteration"] == last]
 
 
 def _per_method(finals: list[tuple[Path, dict]]) -> dict[str, list[dict]]:
@@ -257,6 +270,10 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
                         baseline: str) -> list[str]:
     finals = _finals(run_dirs, runs, split)
     per_method = _per_method(finals)
+    if not per_method:         # e.g. one run whose rows are all another run's (loop.init_from)
+        return [f"## Comparison ({split} split)", "",
+                "No model of its own: every row on this split is another run's "
+                "(loop.init_from) or was reverted.", ""]
     differences = differences_table(finals, baseline)
     verdicts = mostpop_verdicts(per_method)
     return [
