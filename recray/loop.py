@@ -118,6 +118,9 @@ def method_config(cfg: Config) -> Config:
     out.generate.ground = cfg.generate.ground or method.judge   # the judger reads catalog items
     if method.k is not None and "n_negatives" not in cfg.generate.model_fields_set:
         out.generate.n_negatives = method.k
+    elif method.k is not None and cfg.generate.n_negatives != method.k:
+        log.warning("loop.method=%s takes generate.n_negatives=%d as set (its own k is %d)",
+                    cfg.loop.method, cfg.generate.n_negatives, method.k)
     if method.dmpo and cfg.loop.dmpo_form == "mean_reward":
         out.train.multi_negative_loss = "mean_reward"
     if method.loss:

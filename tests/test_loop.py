@@ -166,6 +166,12 @@ def test_dmpo_sdpo_rosepo_take_their_negatives_and_their_own_losses():
     sprec = method_config(load_config(None, []))
     assert (sprec.generate.n_negatives, sprec.generate.source) == (1, "self")
     assert method_config(load_config(None, ["loop.method=rw"])).train.reweight
+    # The shipped configs leave k to the methods (a config's N would silently give DMPO and
+    # SDPO one negative each, where they are the same run as plain DPO).
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        for method, k in (("dmpo", 3), ("sdpo", 3), ("sprec", 1)):
+            effective = method_config(load_config(config, [f"loop.method={method}"]))
+            assert effective.generate.n_negatives == k, (config.name, method)
 
 
 def test_iteration_samples_are_seeded_and_differ_per_iteration():
