@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every LLM-side method of docs/results.md's methods table at the main job's sizes
-# (configs/ml100k.yaml), all from one π_0 (BIGRec), about 75 min on a 2-core CPU machine:
+# (configs/ml100k.yaml), all from one π_0 (BIGRec), about 50 min on a 2-core CPU machine
+# without D3 (SKIP_D3=1; D3 is hours there, see below):
 #   the rows that need no LLM (MostPop, Random, SASRec); BIGRec = π_0, trained here unless
 #   PI0 names a run that holds it (e.g. the main job's SPRec run); BIGRec + IFairLRS
 #   re-ranking; SPRec (T = 2); DMPO and SDPO (k = 3 random negatives); RosePO; UFO-like
 #   (T = 2); GDRT and RW, each of which trains its own π_0; D3 (π_0 decoded over the
 #   catalog with SASRec's scores); then one report of all rows.
-#   [PI0=RUN] bash scripts/methods-table.sh [RUNS_DIR] [key=value ...]   (default: runs/methods)
+#   [PI0=RUN] [SKIP_D3=1] bash scripts/methods-table.sh [RUNS_DIR] [key=value ...]
+#   (default RUNS_DIR: runs/methods)
 # RECRAY_NO_SETUP=1 skips scripts/setup.sh. The overrides apply to every run; an interrupted
 # table continues where it stopped (finished runs are skipped, a started one resumes).
 set -euo pipefail
@@ -45,18 +47,21 @@ from=(loop.init_from="$PI0")
 run bigrec-rerank loop.method=bigrec evaluate.rerank.enabled=true "${from[@]}" "$@"
 methods=(dmpo sdpo rosepo ufo)
 if grep -q '"method": "sprec"' "$PI0/metrics.jsonl"; then   # PI0 is an SPRec run: its row
-  names+=("$RUNS"/{bigrec-rerank,dmpo,sdpo,rosepo,d3,ufo,gdrt,rw})
+  names+=("$RUNS"/{bigrec-rerank,dmpo,sdpo,rosepo,ufo,gdrt,rw})
 else
   methods=(sprec "${methods[@]}")
-  names+=("$RUNS"/{bigrec-rerank,sprec,dmpo,sdpo,rosepo,d3,ufo,gdrt,rw})
+  names+=("$RUNS"/{bigrec-rerank,sprec,dmpo,sdpo,rosepo,ufo,gdrt,rw})
 fi
 for method in "${methods[@]}"; do
   run "$method" loop.method=$method "${from[@]}" "$@"
 done
 run gdrt loop.method=gdrt train.gdrt.scorer="$PI0/it0/policy/adapter" "$@"
 run rw loop.method=rw "$@"
-# D3 on the transformers backend: its prior needs every allowed token's log-probability at
-# every beam step, which vLLM returns as one Python object per token (64 valid prompts took
-# over 23 min unfinished); transformers reads them off the logits (docs/methods.md §D3).
-run d3 loop.method=d3 generate.backend=hf "${from[@]}" "$@"
+# D3 last: a GPU row. Its prior needs every allowed token's log-probability at every beam
+# step; on this CPU machine 64 valid prompts did not finish in 23 min on vLLM (one Python
+# object per token) nor in 7 min on transformers (no KV cache between steps).
+if [ -z "${SKIP_D3:-}" ]; then
+  run d3 loop.method=d3 "${from[@]}" "$@"
+  names+=("$RUNS/d3")
+fi
 recray report "${names[@]}" --output "$RUNS/report"
