@@ -121,15 +121,23 @@ def test_differences_reach_bigrec_inside_a_sprec_run(tmp_path):
 
 
 def test_a_reranked_model_is_its_own_row(tmp_path):
-    """evaluate.rerank on top of BIGRec is another model than BIGRec: its own labelled row."""
+    """evaluate.rerank on top of BIGRec is another model than BIGRec: its own labelled row,
+    and never the baseline of the differences, whichever run comes first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     plain, reranked = tmp_path / "bigrec", tmp_path / "bigrec-rerank"
-    for path, extra in ((plain, {}), (reranked, {"rerank": {"lambda": 0.1, "k": 5}})):
-        path.mkdir()
+    for path, extra, ranks in ((plain, {}, [1, 50]), (reranked, {"rerank": {"lambda": 0.1, "k": 5}}, [3, 2])):
+        result = path / "it0" / "eval" / "test" / "result"
+        result.mkdir(parents=True)
+        pq.write_table(pa.table({"sample_id": ["a", "b"], "target_rank": ranks}),
+                       result / "predictions.parquet")
         row = {"method": "bigrec", "iteration": 0, "split": "test",
                **{c: 0.1 for c in TABLE_COLUMNS}, **extra}
         (path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-    text = report([plain, reranked], tmp_path / "out").read_text()
+    text = report([reranked, plain], tmp_path / "out").read_text()
     assert "| BIGRec | 0.1000" in text and "| BIGRec + IFairLRS re-ranking | 0.1000" in text
+    # against BIGRec: target ranks 1, 50 -> 3, 2, so HR@5 0.5 -> 1.0
+    assert "| BIGRec + IFairLRS re-ranking (bigrec-rerank) | +0.5000" in text
 
 
 def test_a_run_whose_every_step_was_reverted_reports_the_policy_it_kept(tmp_path):

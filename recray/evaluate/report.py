@@ -130,7 +130,7 @@ def differences_table(finals: list[tuple[Path, dict]], baseline: str,
     """Each run's last evaluation minus the baseline method's on the same samples, with the paired
     bootstrap 95% interval; None when no baseline run has predictions. A row whose samples
     differ from the baseline's (another split subset) says so instead of being paired."""
-    base = next(((d, r) for d, r in finals if r["method"] == baseline
+    base = next(((d, r) for d, r in finals if row_name(r, d.name) == baseline
                  and predictions_of(d, r).exists()), None)
     if base is None:
         return None
@@ -143,7 +143,7 @@ def differences_table(finals: list[tuple[Path, dict]], baseline: str,
         if (run_dir, row) == base or not predictions_of(run_dir, row).exists():
             continue
         ranks = _ranks_by_sample(predictions_of(run_dir, row))
-        label = f"{_label(row['method'])} ({Path(run_dir).name})"
+        label = f"{_label(row_name(row, Path(run_dir).name))} ({Path(run_dir).name})"
         if set(ranks) != set(base_ranks):
             lines.append(f"| {label} | " + " | ".join("other samples" for _ in metrics) + " |")
             continue
