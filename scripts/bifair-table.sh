@@ -9,26 +9,11 @@
 # RECRAY_NO_SETUP=1 skips scripts/setup.sh. The overrides apply to every run; an interrupted
 # table continues where it stopped (finished runs are skipped, a started one resumes).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${RECRAY_NO_SETUP:-}" ]; then
-  # shellcheck disable=SC1091
-  . "$ROOT/scripts/setup.sh"
-fi
-cd "$ROOT"
-RUNS="$(mkdir -p "${1:-runs/bifair}" && cd "${1:-runs/bifair}" && pwd)"
+# shellcheck disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/runs.sh"     # set-up, runs_dir, run
+RUNS="$(runs_dir "${1:-runs/bifair}")"
 shift || true
 COMMON=(-c configs/ml100k.yaml bifair.protocol=general bifair.max_epochs=40 "evaluate.splits=[valid,test]")
-
-run() {   # NAME OVERRIDES...: run, or continue a run an interruption left unfinished
-  local name="$1"; shift
-  if [ -f "$RUNS/$name/metrics.jsonl" ] && [ -f "$RUNS/$name/report/report.md" ]; then
-    return
-  elif [ -f "$RUNS/$name/manifest.json" ]; then
-    recray run --resume "$RUNS/$name" "${COMMON[@]}" "$@"
-  else
-    recray run --runs "$RUNS" --name "$name" "${COMMON[@]}" "$@"
-  fi
-}
 
 run mostpop-general loop.method=mostpop-general "$@"
 names=(mostpop-general)

@@ -13,30 +13,19 @@
 # The paper's sizes on a GPU cluster are one variable away (the sweep then starts from it):
 #   CONFIG=configs/paper-movielens.yaml bash scripts/reproduce.sh runs/paper
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${RECRAY_NO_SETUP:-}" ]; then
-  # shellcheck disable=SC1091
-  . "$ROOT/scripts/setup.sh"
-fi
-cd "$ROOT"
-RUNS="$(mkdir -p "${1:-runs/repro}" && cd "${1:-runs/repro}" && pwd)"
+# shellcheck disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/runs.sh"     # set-up, runs_dir, run
+RUNS="$(runs_dir "${1:-runs/repro}")"
 shift || true
 CONFIG="${CONFIG:-configs/repro-movielens.yaml}"
 
-run() {   # NAME CONFIG OVERRIDES...: run, or continue a run an interruption left unfinished
-  local name="$1" config="$2"; shift 2
-  if [ -f "$RUNS/$name/manifest.json" ]; then
-    recray run -c "$config" --resume "$RUNS/$name" "$@"
-  else
-    recray run -c "$config" --runs "$RUNS" --name "$name" "$@"
-  fi
-}
+COMMON=()                 # each run names its config
 
 for method in mostpop random sasrec; do
-  run "$method" "$CONFIG" loop.method=$method "$@"
+  run "$method" -c "$CONFIG" loop.method=$method "$@"
 done
 for seed in 0 1; do
-  run "bigrec-s$seed" "$CONFIG" loop.method=bigrec train.seed=$seed "$@"   # π_0: no loop seed
+  run "bigrec-s$seed" -c "$CONFIG" loop.method=bigrec train.seed=$seed "$@"   # π_0: no loop seed
 done
 
 if [ -f "$RUNS/sweep/sweep.json" ]; then
@@ -50,9 +39,9 @@ best="$RUNS/sweep/report/best.yaml"
 sprec_s0="$(python -c 'import csv, sys; print(next(csv.DictReader(open(sys.argv[1])))["run_dir"])' \
   "$RUNS/sweep/report/trials.csv")"   # trials.csv lists the best trial first
 
-run sprec-s1 "$best" loop.init_from="$RUNS/bigrec-s1" train.seed=1 loop.seed=1 "$@"
+run sprec-s1 -c "$best" loop.init_from="$RUNS/bigrec-s1" train.seed=1 loop.seed=1 "$@"
 for method in sprec-nosft sprec-nodpo sprec-rn; do
-  run "$method-s0" "$best" loop.method="$method" "$@"
+  run "$method-s0" -c "$best" loop.method="$method" "$@"
 done
 recray report "$RUNS/mostpop" "$RUNS/random" "$RUNS/sasrec" "$RUNS/bigrec-s0" "$RUNS/bigrec-s1" "$sprec_s0" "$RUNS/sprec-s1" \
   "$RUNS/sprec-nosft-s0" "$RUNS/sprec-nodpo-s0" "$RUNS/sprec-rn-s0" --output "$RUNS/report"
