@@ -118,9 +118,6 @@ def method_config(cfg: Config) -> Config:
     out.generate.ground = cfg.generate.ground or method.judge   # the judger reads catalog items
     if method.k is not None and "n_negatives" not in cfg.generate.model_fields_set:
         out.generate.n_negatives = method.k
-    elif method.k is not None and cfg.generate.n_negatives != method.k:
-        log.warning("loop.method=%s takes generate.n_negatives=%d as set (its own k is %d)",
-                    cfg.loop.method, cfg.generate.n_negatives, method.k)
     if method.dmpo and cfg.loop.dmpo_form == "mean_reward":
         out.train.multi_negative_loss = "mean_reward"
     if method.loss:
@@ -171,7 +168,8 @@ def planned_iterations(cfg: Config) -> int:
 
 def check_config(cfg: Config) -> None:
     """Key combinations that would stop a run part-way (after π_0 is trained), refused
-    before anything starts; a sweep checks every trial config with it too."""
+    before anything starts, and a set N that overrides a method's own k, said once; a
+    sweep checks every trial config with it too."""
     from recray.generate.negatives import negatives_decoding
     method = METHODS[cfg.loop.method]
     looping = planned_iterations(cfg) > 0
@@ -193,6 +191,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("bifair.graph_layers: LightGCN propagates over the user-item graph of "
                           "bifair.protocol=general; prompt samples (protocol sequential) have no "
                           "such graph: set bifair.graph_layers=0 or bifair.protocol=general")
+    if method.k is not None and "n_negatives" in cfg.generate.model_fields_set \
+            and cfg.generate.n_negatives != method.k:
+        log.warning("loop.method=%s takes generate.n_negatives=%d as set (its own k is %d)",
+                    cfg.loop.method, cfg.generate.n_negatives, method.k)
     splits = cfg.evaluate.splits
     if method.judge and "valid" not in splits:
         raise ConfigError(f"loop.method={cfg.loop.method} decides after each iteration on the "
