@@ -236,6 +236,33 @@ def test_d3_prior_steers_constrained_decoding_on_both_backends(pools, tiny, deco
             == pools["hf"].generate(table, policy, plain, TITLES)["candidates"].to_pylist())
 
 
+def test_hf_step_from_shared_prompt_states_equals_a_full_forward(tiny):
+    """D3's hf step reuses each prompt's keys and values, left-padded across prompts of
+    different lengths and shared by their beams: its log-probs are those of running the
+    whole sequence, with an adapter and without, chunk after chunk."""
+    import torch
+
+    from recray.generate.hf import HFBackend
+    backend = HFBackend(tiny["base"], pool_config("hf", hf_max_sequences=3), threads=2)
+    backend.set_policy(Policy(tiny["base"], tiny["a1"]), 1)
+    encode = backend.tokenizer.encode
+    prompts = [encode(build_prompt(TITLES[:n])) for n in (1, 4, 2)]
+    generated = [[11, 12], [13, 14], [15, 16], [17, 18], [19, 20]]
+    for model in (backend.peft, backend.peft.get_base_model()):
+        past = backend._prompt_states(model, prompts)
+        for step in (0, 2):
+            seqs = ([p for p in prompts] if step == 0 else
+                    [prompts[i % 3] + generated[i] for i in range(5)])
+            options = [list(range(100, 140))] * len(seqs)
+            got = backend._step(model, past, seqs, 5, options)
+            for seq, top in zip(seqs, got):
+                with torch.no_grad():
+                    full = model(input_ids=torch.tensor([seq])).logits[0, -1].log_softmax(-1)
+                want = full[100:140].topk(5)
+                assert list(top) == [100 + i for i in want.indices.tolist()]
+                assert list(top.values()) == pytest.approx(want.values.tolist(), abs=1e-4)
+
+
 def test_constrained_sampling_is_refused_on_vllm(pools, tiny):
     with pytest.raises(ConfigError, match="constrain_to_catalog"):
         pools["vllm"].generate(prompts_table(2), Policy(tiny["base"]),

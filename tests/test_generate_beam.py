@@ -120,3 +120,39 @@ def test_d3_prior_term_telescopes_to_the_titles_prior_and_can_overrule_the_polic
     heavy_on_casino = np.log(np.array([1e-6, 1e-6, 1e-6, 1.0]))
     assert search(0.0, heavy_on_casino) != build_completion("Casino (1995)")
     assert search(10.0, heavy_on_casino) == build_completion("Casino (1995)")
+
+
+def test_bonus_search_asks_for_few_tokens_and_equals_seeing_every_allowed_one():
+    """A non-positive bonus (D3's log-share) never lifts an unseen token above the seen ones
+    of its beam: asking for the 2·width likeliest, and for more only where an unseen token
+    could still enter, gives the answers of a step that returns every allowed token."""
+    vocab, eos, max_new = 12, 0, 4
+
+    def logprobs(seq):
+        logits = np.random.default_rng([5, *seq]).normal(size=vocab) * 2
+        return logits - np.logaddexp.reduce(logits)
+
+    asked = []
+
+    def step(seqs, k, allowed):
+        asked.append(k)
+        return [dict(sorted(((t, float(logprobs(s)[t])) for t in options),
+                            key=lambda x: -x[1])[:k]) for s, options in zip(seqs, allowed)]
+
+    def everything(seqs, k, allowed):
+        return step(seqs, max(len(o) for o in allowed), allowed)
+
+    def bonus(prompt, generated, token):           # up to -3: it reorders the candidates
+        return -3.0 * np.random.default_rng([prompt, token, *generated]).random()
+
+    for width in (1, 3):
+        prompts = [[7, width], [8, width, 1], [9]]
+        kwargs = dict(width=width, num_return=width, max_new_tokens=max_new,
+                      is_finished=lambda t: t[-1] == eos, allowed=lambda g: list(range(vocab)),
+                      bonus=bonus)
+        asked.clear()
+        lazy = beam_search(prompts, step, **kwargs)
+        assert min(asked) == 2 * width and max(asked) > 2 * width   # asked again somewhere
+        full = beam_search(prompts, everything, **kwargs)
+        assert [[(b.tokens, b.score) for b in beams] for beams in lazy] == \
+               [[(b.tokens, b.score) for b in beams] for beams in full]

@@ -12,6 +12,7 @@ or at max_new_tokens, where running beams join the hypotheses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -62,14 +63,43 @@ def _advance(search: _Search, top: list[dict[int, float]], width: int,
     search.running = running
 
 
+def _enough_for_bonus(tops: list[dict[int, float]], step: StepFn, seqs: list[list[int]],
+                      options: list[list[int]], searches: list[_Search], prompts: list[int],
+                      width: int, bonus: Bonus) -> list[dict[int, float]]:
+    """The bonus is a log-share (<= 0): a token the step did not return scores at most its
+    beam's score plus the lowest log-prob returned for that beam. Where that could still reach
+    a prompt's best 2·width candidates, its beams ask again for twice as many tokens, until
+    no unseen token can (or every allowed one is seen). The search stays exact while a step
+    usually asks for 2·width tokens, not for all allowed ones (hundreds at a title's start)."""
+    k, rows, start = 2 * width, [], 0
+    for search in searches:
+        rows.append(range(start, start + len(search.running)))
+        start += len(search.running)
+    while True:
+        short: list[int] = []
+        for search, prompt, beams in zip(searches, prompts, rows):
+            totals = sorted((b.score + lp + bonus(prompt, b.tokens, t)
+                             for b, r in zip(search.running, beams) for t, lp in tops[r].items()),
+                            reverse=True)
+            bar = totals[2 * width - 1] if len(totals) >= 2 * width else -math.inf
+            if any(len(tops[r]) < len(options[r]) and b.score + min(tops[r].values()) >= bar
+                   for b, r in zip(search.running, beams)):
+                short += beams
+        if not short:
+            return tops
+        k *= 2
+        for r, top in zip(short, step([seqs[r] for r in short], k, [options[r] for r in short])):
+            tops[r] = top
+
+
 def beam_search(prompts: Sequence[list[int]], step: StepFn, width: int, num_return: int,
                 max_new_tokens: int, is_finished: Callable[[list[int]], bool],
                 allowed: Callable[[list[int]], list[int]] | None = None,
                 bonus: Bonus | None = None) -> list[list[Beam]]:
     """For each prompt, its `num_return` best hypotheses, best first. `allowed(generated)`:
     the tokens a beam may take next (catalog-constrained decoding); None: any. `bonus`: a
-    term added to each candidate token's log-prob (D3's); the step is then asked for every
-    allowed token, since the bonus can lift any of them into the beam."""
+    term added to each candidate token's log-prob (D3's, never positive); the step is asked
+    for more tokens wherever one it did not return could still enter the beam."""
     if bonus is not None and allowed is None:
         raise ValueError("a bonus term needs the allowed tokens (catalog-constrained decoding)")
     searches = [_Search(list(p)) for p in prompts]
@@ -79,8 +109,11 @@ def beam_search(prompts: Sequence[list[int]], step: StepFn, width: int, num_retu
             break
         seqs = [searches[i].prompt + b.tokens for i in live for b in searches[i].running]
         options = [allowed(b.tokens) for i in live for b in searches[i].running] if allowed else None
-        k = max(len(o) for o in options) if bonus else 2 * width
-        tops = iter(step(seqs, k, options))
+        tops = step(seqs, 2 * width, options)
+        if bonus:
+            tops = _enough_for_bonus(tops, step, seqs, options, [searches[i] for i in live],
+                                     live, width, bonus)
+        tops = iter(tops)
         for i in live:
             s = searches[i]
             term = (lambda tokens, token, i=i: bonus(i, tokens, token)) if bonus else (lambda *_: 0.0)

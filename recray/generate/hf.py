@@ -107,9 +107,15 @@ class HFBackend:
 
     def _prior_search(self, model, prompt_ids: list[list[int]], d: DecodingConfig,
                       trie: TitleTrie, bonus) -> list[list[Candidate]]:
-        """D3: greedy (width 1) or beam search over `_step` with the prior's bonus."""
+        """D3: greedy (width 1) or beam search over `_step` with the prior's bonus. One
+        forward gives every allowed token's log-prob, so each step returns them all: the
+        search then never asks again (recray.generate.beam)."""
         beam = d.mode == "beam"
-        found = beam_search(prompt_ids, lambda seqs, k, allowed: self._step(model, seqs, k, allowed),
+        past = self._prompt_states(model, prompt_ids)
+
+        def step(seqs, k, allowed):
+            return self._step(model, past, seqs, max(k, *map(len, allowed)), allowed)
+        found = beam_search(prompt_ids, step,
                             d.num_beams if beam else 1, d.num_return if beam else 1,
                             d.max_new_tokens, self.answers.finished, trie.allowed, bonus)
         return [[Candidate(self.answers.text(b.tokens), b.score, len(b.tokens)) for b in beams]
@@ -139,25 +145,58 @@ class HFBackend:
         k = len(flat) // len(batch)
         return [flat[i * k:(i + 1) * k] for i in range(len(batch))]
 
-    def _step(self, model, seqs: list[list[int]], k: int, allowed: list[list[int]]) -> list[dict[int, float]]:
-        """Each sequence's k likeliest allowed next tokens with their log-probs: one
-        left-padded forward (no cache kept between steps), hf_max_sequences at a time."""
+    def _prompt_states(self, model, prompts: list[list[int]]) -> dict[tuple[int, ...], list]:
+        """Each distinct prompt's keys and values for all but its last token, per layer,
+        computed once per search and shared by its beams: without them every step re-reads
+        the whole prompt (~250 tokens for ~20 answer tokens)."""
+        past: dict[tuple[int, ...], list] = {}
+        for prompt in map(tuple, prompts):
+            if prompt not in past:
+                ids = torch.tensor([prompt[:-1]], device=self.device)
+                cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+                past[prompt] = [(layer.keys, layer.values) for layer in cache.layers]
+        return past
+
+    def _step(self, model, past: dict[tuple[int, ...], list], seqs: list[list[int]], k: int,
+              allowed: list[list[int]]) -> list[dict[int, float]]:
+        """Each sequence's k likeliest allowed next tokens with their log-probs. A sequence is
+        one of `past`'s prompts plus the tokens generated so far (as many in every sequence of
+        a step): the prompts' states, left-padded to one length, are the cache, and only the
+        prompt's last token and the generated ones run, hf_max_sequences at a time."""
         out: list[dict[int, float]] = []
-        pad = self.tokenizer.pad_token_id
+        lengths = sorted({len(p) for p in past})
         for start in range(0, len(seqs), self.cfg.hf_max_sequences):
             chunk = seqs[start:start + self.cfg.hf_max_sequences]
-            width = max(len(x) for x in chunk)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=self.device)
-            mask = (torch.arange(width)[None] >= torch.tensor([width - len(x) for x in chunk])[:, None]).long()
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask.to(self.device),
-                           position_ids=positions.to(self.device)).logits[:, -1].float()
+            prompts = [next(p for n in lengths if (p := tuple(s[:n])) in past) for s in chunk]
+            cache, mask = self._padded_cache(past, prompts)
+            tail = [s[len(p) - 1:] for s, p in zip(chunk, prompts)]
+            positions = torch.tensor([[len(p) - 1 + i for i in range(len(t))]
+                                      for p, t in zip(prompts, tail)], device=self.device)
+            mask = torch.cat([mask, torch.ones(len(chunk), len(tail[0]), dtype=torch.long,
+                                               device=self.device)], 1)
+            logits = model(input_ids=torch.tensor(tail, device=self.device), past_key_values=cache,
+                           attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1).logits[:, -1].float()
             logprobs = logits.log_softmax(-1).cpu()
             for row, options in zip(logprobs, allowed[start:start + len(chunk)]):
                 values = row[options]
                 top = values.topk(min(k, len(options))).indices.tolist()
                 out.append({options[i]: float(values[i]) for i in top})
         return out
+
+    def _padded_cache(self, past: dict[tuple[int, ...], list], prompts: list[tuple[int, ...]]):
+        """One DynamicCache of the prompts' states, left-padded to the longest, and its mask."""
+        from transformers import DynamicCache
+        width = max(len(p) for p in prompts) - 1
+
+        def padded(tensor):         # (1, heads, length, dim) -> (1, heads, width, dim)
+            return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[2], 0))
+        layers = [(torch.cat([padded(past[p][i][0]) for p in prompts]),
+                   torch.cat([padded(past[p][i][1]) for p in prompts]))
+                  for i in range(len(past[prompts[0]]))]
+        mask = torch.tensor([[0] * (width - len(p) + 1) + [1] * (len(p) - 1) for p in prompts],
+                            device=self.device)
+        return DynamicCache(ddp_cache_data=layers), mask
 
     def close(self) -> None:
         self.model = self.peft = None
