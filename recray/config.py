@@ -382,6 +382,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(tree, parse_overrides(overrides or []))
 
 
+def given_tree(cfg: Config) -> dict:
+    """The settings given (YAML and overrides) as a tree, without the defaults: what a
+    config is rebuilt from (build_config) where it must mean the same again. A full dump
+    would mark every key as given, so a method's own defaults (loop.method_config: DMPO's
+    k, D3's decoding) would no longer apply."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
 def build_config(tree: dict, values: Iterable[tuple[str, object]] = ()) -> Config:
     """A config tree (as in a YAML file) with dotted (key, value) pairs set on a copy of it;
     the sweeps set typed values this way (a float such as 1e-05 is not one in YAML 1.1)."""

@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from recray.config import Config
+from recray.config import Config, given_tree
 from recray.loop import OnIteration
 from recray.rundir import RunDir
 
@@ -34,6 +34,7 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
     if resume and Path(run_dir).is_dir():        # resume's checks (e.g. corrupt stages) go in it too
         to_file(Path(run_dir) / "run.log")
     run = RunDir.resume(run_dir, config, force) if resume else RunDir.create(run_dir, config, seeds)
+    run.record("config_given", given_tree(cfg))     # what best.yaml and loop.init_from rebuild
     to_file(run.root / "run.log")
     start = time.time()
     try:

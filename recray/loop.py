@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recray.config import Config
+from recray.config import Config, build_config
 from recray.errors import ConfigError
 from recray.rundir import RunDir
 
@@ -330,9 +330,12 @@ def initial_policy(config: dict) -> str:
     return "rw" if config["train"]["reweight"] else "bigrec"
 
 
-def effective_config(config: dict) -> dict:
-    """A run's config (as in its manifest) as its stages saw it (method_config)."""
-    return method_config(Config.model_validate(config)).model_dump(mode="json")
+def effective_config(manifest: dict) -> dict:
+    """A run's config as its stages saw it (method_config), from its manifest: the settings
+    it was given where recorded (older runs: the whole config, where every key counts as
+    given)."""
+    return method_config(build_config(manifest.get("config_given", manifest["config"]))
+                         ).model_dump(mode="json")
 
 
 def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -> None:
@@ -346,8 +349,8 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
     if not (source / "it0" / "policy" / ".stage.json").exists():
         raise ConfigError(f"loop.init_from: {source} holds no finished it0/policy stage")
     manifest = json.loads((source / "manifest.json").read_text())
-    theirs = effective_config(manifest["config"])
-    ours = effective_config(cfg.model_dump(mode="json"))
+    theirs = effective_config(manifest)
+    ours = method_config(cfg).model_dump(mode="json")
     differences = _differences(theirs, ours, INITIAL_POLICY_KEYS)
     if initial_policy(theirs) != initial_policy(ours):
         differences.append(f"π_0: {initial_policy(theirs)!r} -> {initial_policy(ours)!r}")
@@ -369,6 +372,7 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
     else:
         stages += [f"it0/eval/{split}" for split in cfg.evaluate.splits
                    if (source / "it0" / "eval" / split / ".stage.json").exists()]
+    from recray.tracking import track
     for stage in stages:
         if run.done(stage):
             continue
@@ -378,6 +382,9 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
             if (out / "row.json").exists():
                 row = json.loads((out / "row.json").read_text())
                 (out / "row.json").write_text(json.dumps({**row, "reused_from": str(source)}))
+                # this run's MLflow and TensorBoard show π_0 at step 0, as if it were trained here
+                track(cfg, run.root, {k: v for k, v in row.items()
+                                      if k not in ("method", "iteration", "split")}, 0, row["split"])
 
 
 def _differences(theirs: dict, ours: dict, keys: tuple[str, ...]) -> list[str]:

@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from recray.config import (Config, Strict, _format_validation_error, build_config,
+from recray.config import (Config, Strict, _format_validation_error, build_config, given_tree,
                            load_config, read_yaml)
 from recray.errors import ConfigError, RecrayError
 
@@ -188,7 +188,7 @@ def _is_run_config_key(dotted: str) -> bool:
 def check_sweep(sweep: SweepConfig, base: Config) -> None:
     """Everything about the sweep that can be wrong before a trial starts."""
     from recray.loop import check_config
-    tree = base.model_dump(mode="json")
+    tree = given_tree(base)
     for key, dist in sweep.space.items():
         if not _is_run_config_key(key):
             raise ConfigError(f"space.{key}: unknown run-config key")
@@ -284,7 +284,7 @@ def run_trial(params: dict, sweep_dir: str) -> None:
     from ray import tune
     root = Path(sweep_dir)
     sweep, base = read_sweep(root)
-    cfg = build_config(base.model_dump(mode="json"), params.items())
+    cfg = build_config(given_tree(base), params.items())
     run_dir = root / "trials" / tune.get_context().get_trial_id()
     prepared = root / "prepared" if shares_prepared(sweep) else None
     # No retries: a second attempt would report the iterations again from 0 (ASHA's clock
@@ -396,7 +396,7 @@ def run_sweep(sweep: SweepConfig, base: Config, output: Path, resume: bool = Fal
         root.mkdir(parents=True, exist_ok=True)
         (root / "sweep.json").write_text(json.dumps(
             {"format": MARKER, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": source,
-             "sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")},
+             "sweep": sweep.model_dump(mode="json"), "base": given_tree(base)},
             indent=1))
     init_ray(base.ray)
     check_resources(base, trial_cpus=sweep.trial_resources.cpu)

@@ -123,7 +123,7 @@ def test_pareto_front():
     assert pareto_front([(1.0, 1.0), (2.0, 2.0)], ("max", "max")) == [False, True]
 
 
-def test_sweep_report_from_trial_run_directories(tmp_path):
+def test_sweep_report_from_trial_run_directories(tmp_path, monkeypatch):
     """Without Tune state (statuses UNKNOWN): a trial stopped after iteration 1 of 2 is best,
     so best.yaml asks for the run that measured it, loop.iterations = 1."""
     from recray.rundir import RunDir
@@ -154,6 +154,14 @@ def test_sweep_report_from_trial_run_directories(tmp_path):
     assert best.train.beta == 0.05 and best.loop.iterations == 1
     for png in ("pareto.png", "params.png"):
         assert (root / "report" / png).read_bytes()[:8] == PNG
+    assert "tie at the best objective" not in text
+    rows = [{"method": "sprec", "iteration": t, "split": "valid", "NDCG@5": 0.2 * t,
+             "MGU@1": 0.1, "DivRatio@1": 0.6, "HR@5": 0.4} for t in range(3)]
+    (root / "trials" / "b" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)                      # a relative sweep path reads the same
+    text = sweep_report(Path("s"), Path("s/report-tied")).read_text()   # b ties a, more iterations
+    assert "b: NDCG@5 0.4000 at iteration 2" in text
+    assert "**2 trials tie at the best objective** (b, a)" in text
 
 
 def test_trials_that_cannot_run_side_by_side_are_refused(ray_session, tmp_path, monkeypatch):
@@ -193,3 +201,22 @@ def test_two_trial_sweep_end_to_end(tiny_pi0, tmp_path):
     (root / "report" / "trials.csv").unlink()
     assert main(["report", str(root)]) == 0                         # the CLI knows a sweep dir
     assert (root / "report" / "trials.csv").exists()
+
+
+def test_trial_configs_keep_each_methods_own_defaults():
+    """A trial's config is rebuilt from the base's given settings (sweep.json, best.yaml,
+    loop.init_from do the same): D3's sweep decodes with 4 beams at each α, a DMPO base keeps
+    k = 3. Rebuilt from a whole dump, every key would count as given: greedy, N = 1."""
+    from recray.config import build_config, given_tree, load_config
+    from recray.loop import method_config
+    from recray.sweep import load_sweep
+    _, d3 = load_sweep(ROOT / "tune" / "sweep-d3.yaml")
+    for alpha in (0.1, 0.5):
+        decoding = method_config(build_config(given_tree(d3), [
+            ("evaluate.decoding.prior_weight", alpha)])).evaluate.decoding
+        assert (decoding.mode, decoding.num_beams, decoding.prior_weight) == ("beam", 4, alpha)
+    assert method_config(build_config(d3.model_dump(mode="json"))).evaluate.decoding.mode == "greedy"
+    dmpo = load_config(ROOT / "configs" / "ml100k.yaml", ["loop.method=dmpo"])
+    trial = build_config(given_tree(dmpo), [("train.beta", 0.2)])
+    assert method_config(trial).generate.n_negatives == 3 and trial.train.beta == 0.2
+    assert method_config(build_config(dmpo.model_dump(mode="json"))).generate.n_negatives == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from recray.config import build_config
+from recray.config import build_config, given_tree
 from recray.evaluate.report import TABLE_COLUMNS, load_rows
 from recray.loop import _pick, planned_iterations
 from recray.sweep import PENALTY, objective_value, read_sweep
@@ -40,6 +40,7 @@ def pareto_front(points: list[tuple[float, ...]], senses: tuple[str, ...]) -> li
 def _tune_trials(root: Path) -> dict[str, tuple[str, dict]]:
     """{trial_id: (status, params)} from Tune's experiment state; {} if it has none yet."""
     from ray import tune
+    root = Path(root).resolve()     # Tune reads a relative path as a URI and fails
     if not tune.Tuner.can_restore(str(root)):
         return {}
     return {t.trial_id: (t.status, dict(t.config))
@@ -66,7 +67,7 @@ def load_trials(root: Path) -> list[dict]:
             last = max(rows, key=lambda r: r["iteration"])
             trial["iteration"], trial["metrics"] = last["iteration"], last
             trial["objective"], trial["feasible"] = objective_value(last, sweep.objective)
-            config = build_config(base.model_dump(mode="json"), params.items())
+            config = build_config(given_tree(base), params.items())
             if status == "TERMINATED" and last["iteration"] < planned_iterations(config):
                 trial["status"] = "STOPPED"          # by ASHA, after a rung
         trials.append(trial)
@@ -85,9 +86,10 @@ def write_best_config(trial: dict, path: Path, objective_text: str) -> None:
     """The trial's run config as it ran (its manifest). A trial stopped after iteration k
     measured the model of the same run with loop.iterations = k (an iteration's samples and
     seeds do not depend on T), so that is what best.yaml asks for."""
-    config = json.loads((trial["run_dir"] / "manifest.json").read_text())["config"]
+    manifest = json.loads((trial["run_dir"] / "manifest.json").read_text())
+    config = manifest.get("config_given", manifest["config"])
     if trial["iteration"] < planned_iterations(build_config(config)):
-        config["loop"]["iterations"] = trial["iteration"]
+        config.setdefault("loop", {})["iterations"] = trial["iteration"]
     header = (f"# The best trial ({trial['trial_id']}) of sweep {trial['run_dir'].parent.parent}:\n"
               f"# {objective_text} = {trial['objective']:.4f} at iteration {trial['iteration']}.\n"
               f"# Run it again with: recray run -c {path}\n")
@@ -213,6 +215,11 @@ def sweep_report(root: Path, output: Path) -> Path:
         write_best_config(best, output / "best.yaml", objective_text)
         if not best["feasible"]:
             lines += ["**No trial keeps the constraints**: this is the one closest to them.", ""]
+        tied = [t["trial_id"] for t in trials if t["objective"] == best["objective"]]
+        if len(tied) > 1:
+            lines += [f"**{len(tied)} trials tie at the best objective** ({', '.join(tied)}): "
+                      "the objective does not choose between them; the one named is the first "
+                      "by iterations run, then in trial order.", ""]
         lines += [f"{best['trial_id']}: {obj.metric} {best['metrics'][obj.metric]:.4f} at iteration "
                   f"{best['iteration']} ({best['status']}), with "
                   + ", ".join(f"{k} = {_fmt(best['params'].get(k))}" for k in keys) + ".", "",
