@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every LLM-side method of docs/results.md's methods table at the main job's sizes
-# (configs/ml100k.yaml), all from one π_0 (BIGRec), about 50 min on a 2-core CPU machine
-# without D3 (SKIP_D3=1; D3 is hours there, see below):
+# (configs/ml100k.yaml), all from one π_0 (BIGRec), about an hour on a 2-core CPU machine
+# (D3 10 min of it; SKIP_D3=1 leaves it out):
 #   the rows that need no LLM (MostPop, Random, SASRec); BIGRec = π_0, trained here unless
 #   PI0 names a run that holds it (e.g. the main job's SPRec run); BIGRec + IFairLRS
 #   re-ranking; SPRec (T = 2); DMPO and SDPO (k = 3 random negatives); RosePO; UFO-like
@@ -42,11 +42,11 @@ for method in "${methods[@]}"; do
 done
 run gdrt loop.method=gdrt train.gdrt.scorer="$PI0/it0/policy/adapter" "$@"
 run rw loop.method=rw "$@"
-# D3 last: a GPU row. Its prior needs every allowed token's log-probability at every beam
-# step; on this CPU machine 64 valid prompts did not finish in 23 min on vLLM (one Python
-# object per token) nor in 7 min on transformers (no KV cache between steps).
+# D3 last, on transformers: its prior needs every allowed token's log-probability at every
+# beam step, which vLLM's step gives one token per round (64 valid prompts did not finish
+# in 23 min here); the hf step reuses each prompt's states (bench/d3.py).
 if [ -z "${SKIP_D3:-}" ]; then
-  run d3 loop.method=d3 "${from[@]}" "$@"
+  run d3 loop.method=d3 generate.backend=hf "${from[@]}" "$@"
   names+=("$RUNS/d3")
 fi
 recray report "${names[@]}" --output "$RUNS/report"

@@ -1,4 +1,4 @@
-"""End to end on the real model: self-play negatives for 64 MovieLens-100k train prompts
+"""End to end on the real model: self-play negatives for 32 MovieLens-100k train prompts
 from SmolLM2-135M with a LoRA adapter, on both backends; greedy answers agree."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from recray.data.prompts import build_completion
 from recray.generate import GenerationPool, Policy
 from recray.generate.negatives import make_negatives
 
-N_PROMPTS = 64
+N_PROMPTS = 32
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def runs(ml100k_prepared, adapter, tmp_path_factory):
 
 @pytest.mark.real
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_negatives_for_64_real_prompts(runs, backend):
+def test_negatives_for_32_real_prompts(runs, backend):
     result, samples = runs[backend]["result"], runs["samples"]
     table = pq.read_table(result.path)
     stats = json.loads((result.path.parent / "negatives_stats.json").read_text())

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_ray_job_submit_runs_the_pipeline(ray_session, tiny_run_overrides, tmp_path):
+def test_ray_job_submit_runs_the_pipeline(ray_session, tiny_pi0, tmp_path):
     # ray_session: a new local ray.init() writes ~/.ray/auth_token if missing (fresh machines),
     # the token the head started here and its clients authenticate with.
     gcs_port, dashboard_port = free_port(), free_port()
@@ -40,7 +40,7 @@ def test_ray_job_submit_runs_the_pipeline(ray_session, tiny_run_overrides, tmp_p
         runs = tmp_path / "runs"
         submit = [str(BIN / "ray"), "job", "submit", "--address", address,
                   "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "jobs/sprec.py",
-                  "--runs", str(runs), "--name", "job", *tiny_run_overrides]
+                  "--runs", str(runs), "--name", "job", *tiny_pi0]
         done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=1500)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -25,10 +25,12 @@ def stage_records(run: Path) -> dict[str, str]:
     return {str(p.parent.relative_to(run)): p.read_text() for p in run.rglob(".stage.json")}
 
 
-def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overrides, tmp_path):
+def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_pi0, tmp_path):
+    """Killed (driver and its Ray) once iteration 1 started, from the shared π_0: the resume
+    recomputes no finished stage and keeps one MLflow run."""
     run = tmp_path / "runs" / "tiny"
     cmd = [sys.executable, "-m", "recray.cli", "run", "--runs", str(tmp_path / "runs"),
-           "--name", "tiny", *tiny_run_overrides]
+           "--name", "tiny", *tiny_pi0]
     env = {**os.environ, "RAY_ADDRESS": ""}
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -45,7 +47,7 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
     assert "it0/policy" in before and "it1/negatives" in before and "it1/policy" not in before
 
     done = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--resume", str(run),
-                           *tiny_run_overrides], cwd=ROOT, env=env,
+                           *tiny_pi0], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     after = stage_records(run)
@@ -71,7 +73,7 @@ def test_driver_killed_mid_iteration_resumes_without_recomputing(tiny_run_overri
     assert mlflow_runs[0].data.params["loop.method"] == "sprec"
 
     again = subprocess.run([sys.executable, "-m", "recray.cli", "run", "--resume", str(run),
-                            *tiny_run_overrides, "train.beta=0.5"], cwd=ROOT, env=env,
+                            *tiny_pi0, "train.beta=0.5"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "train.beta: 0.1 -> 0.5" in again.stderr
 

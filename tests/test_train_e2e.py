@@ -1,4 +1,4 @@
-"""End to end on the real model: SFT then DPO of SmolLM2-135M-Instruct (LoRA r=16) on 64
+"""End to end on the real model: SFT then DPO of SmolLM2-135M-Instruct (LoRA r=16) on 32
 real MovieLens-100k samples, 2 CPU workers on Ray Train with DeepSpeed ZeRO-2.
 
 Sizes are cut for a 2-core CI machine: 1 SFT epoch (the paper's initial SFT runs 4),
@@ -18,7 +18,7 @@ from recray.config import load_config
 from recray.data.prompts import build_completion
 from recray.train import dpo, sft
 
-N, WORKERS, PER_DEVICE = 64, 2, 4
+N, WORKERS, PER_DEVICE = 32, 2, 4
 STEPS = N // (WORKERS * PER_DEVICE)
 
 
@@ -26,13 +26,13 @@ STEPS = N // (WORKERS * PER_DEVICE)
 def test_sft_then_dpo_on_smollm2(ml100k_prepared, tmp_path):
     prepared, _ = ml100k_prepared
     train = pd.read_parquet(prepared / "train").head(N)
-    train.to_parquet(tmp_path / "train64.parquet")
+    train.to_parquet(tmp_path / "train.parquet")
     cfg = load_config(None, [
         f"train.scaling.num_workers={WORKERS}", "train.deepspeed.stage=2",
         f"train.per_device_batch_size={PER_DEVICE}", "train.max_length=112",
-        "train.sft.epochs=1", "train.logging_steps=1", "train.save_steps=4"])
+        "train.sft.epochs=1", "train.logging_steps=1", "train.save_steps=2"])
 
-    s = sft(model_dir(), tmp_path / "train64.parquet", tmp_path / "sft", cfg)
+    s = sft(model_dir(), tmp_path / "train.parquet", tmp_path / "sft", cfg)
     assert s.metrics["steps"] == STEPS and s.metrics["data"]["samples"] == N
     assert s.metrics["data"]["truncated"] > 0                 # 10-title histories cut to 112 tokens
     adapter = json.loads((s.adapter_dir / "adapter_config.json").read_text())
