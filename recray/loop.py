@@ -383,8 +383,7 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
                 row = json.loads((out / "row.json").read_text())
                 (out / "row.json").write_text(json.dumps({**row, "reused_from": str(source)}))
                 # this run's MLflow and TensorBoard show π_0 at step 0, as if it were trained here
-                track(cfg, run.root, {k: v for k, v in row.items()
-                                      if k not in ("method", "iteration", "split")}, 0, row["split"])
+                track(cfg, run.root, _row_metrics(row), 0, row["split"])
 
 
 def _differences(theirs: dict, ours: dict, keys: tuple[str, ...]) -> list[str]:
@@ -474,8 +473,7 @@ def _evaluate(run: RunDir, t: int, cfg: Config, label: str,
         stage = f"it{t}/eval/{split}"
         if run.done(stage):
             row = json.loads((run.path(stage) / "row.json").read_text())
-            results[split] = {k: v for k, v in row.items()
-                              if k not in ("method", "iteration", "split", "reused_from")}
+            results[split] = _row_metrics(row)
             continue
         with run.stage(stage) as out:
             metrics = evaluate_split(split, out / "result")
@@ -488,6 +486,12 @@ def _evaluate(run: RunDir, t: int, cfg: Config, label: str,
         results[split] = metrics
     write_metrics_log(run)      # kept current: a sweep may stop a run after any iteration
     return results
+
+
+def _row_metrics(row: dict) -> dict:
+    """An evaluation stage's row.json without what names the row: its metrics."""
+    return {k: v for k, v in row.items()
+            if k not in ("method", "iteration", "split", "reused_from")}
 
 
 def write_metrics_log(run: RunDir) -> Path:

@@ -42,9 +42,8 @@ for method in "${methods[@]}"; do
 done
 run gdrt loop.method=gdrt train.gdrt.scorer="$PI0/it0/policy/adapter" "$@"
 run rw loop.method=rw "$@"
-# D3 last, on transformers: its prior needs every allowed token's log-probability at every
-# beam step, which vLLM's step gives one token per round (64 valid prompts did not finish
-# in 23 min here); the hf step reuses each prompt's states (bench/d3.py).
+# D3 last, on transformers: the hf step reuses each prompt's states (bench/d3.py) and
+# decoded the 64 valid prompts in 172 s here; on vLLM they were unfinished after 10 min.
 if [ -z "${SKIP_D3:-}" ]; then
   run d3 loop.method=d3 generate.backend=hf "${from[@]}" "$@"
   names+=("$RUNS/d3")

@@ -78,6 +78,8 @@ def _enough_for_bonus(tops: list[dict[int, float]], step: StepFn, seqs: list[lis
     while True:
         short: list[int] = []
         for search, prompt, beams in zip(searches, prompts, rows):
+            if all(len(tops[r]) >= len(options[r]) for r in beams):
+                continue            # every allowed token seen (the hf step returns them all)
             totals = sorted((b.score + lp + bonus(prompt, b.tokens, t)
                              for b, r in zip(search.running, beams) for t, lp in tops[r].items()),
                             reverse=True)
