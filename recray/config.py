@@ -226,6 +226,9 @@ class RerankConfig(Strict):
     lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
                                  min_length=1)
     ndcg_guard: float = Field(0.95, gt=0, le=1)   # keep NDCG@5 >= this × NDCG@5 at λ = 0
+    # π's fixed-point rounds at the chosen λ (seed-methods.md §1.3 step 5); 1: π from the
+    # plain ranking only
+    rounds: int = Field(1, ge=1, le=3)
 
 
 class EvaluateConfig(Strict):

@@ -203,7 +203,7 @@ def rerank_predictions(ground, plain: tuple[pa.Table, dict], catalog: pa.Table, 
                        plan_file: Path | None) -> tuple[pa.Table, dict, dict]:
     """IFairLRS re-ranking (recray.evaluate.rerank) of one evaluation. `ground(scale)`
     grounds and scores the answers with a distance scale. `fit` (valid): fit π and λ
-    here; else apply the plan in `plan_file`. The metrics keep the plain ranking's too."""
+    (and π's fixed-point rounds) here; else apply the plan in `plan_file`. The metrics keep the plain ranking's too."""
     from recray.evaluate import rerank
     if fit:
         penalty = rerank.item_penalty(rerank.group_unfairness(plain[1], cfg.k),
@@ -212,12 +212,22 @@ def rerank_predictions(ground, plain: tuple[pa.Table, dict], catalog: pa.Table, 
                                   for lam in cfg.lambdas if lam != 0}}
         lam = rerank.choose_lambda({k: m for k, (_, m) in results.items()}, cfg.k, cfg.ndcg_guard)
         watched = ("HR@5", "NDCG@5", "DivRatio@5", f"MGU@{cfg.k}")
+        predictions, metrics = results[lam]
+        rounds = [{w: metrics[w] for w in watched}]
+        while lam and len(rounds) < cfg.rounds:
+            more = penalty + rerank.item_penalty(rerank.group_unfairness(metrics, cfg.k),
+                                                 catalog.column("categories").to_pylist())
+            again = ground(rerank.scale(more, lam))
+            if not rerank.round_helps(again[1], metrics, plain[1], cfg.k, cfg.ndcg_guard):
+                break
+            penalty, (predictions, metrics) = more, again
+            rounds.append({w: metrics[w] for w in watched})
         plan = {"lambda": lam, "k": cfg.k, "ndcg_guard": cfg.ndcg_guard, "estimated_on": "valid",
                 "penalty": dict(zip(map(str, catalog.column("item_id").to_pylist()),
                                     penalty.tolist())),
                 "sweep": [{"lambda": k, **{w: m[w] for w in watched}}
-                          for k, (_, m) in sorted(results.items())]}
-        predictions, metrics = results[lam]
+                          for k, (_, m) in sorted(results.items())],
+                "rounds": rounds}
     else:
         if plan_file is None or not Path(plan_file).exists():
             raise RecrayError(f"evaluate.rerank: {plan_file} is missing: the valid split is "
