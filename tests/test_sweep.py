@@ -81,7 +81,8 @@ def test_the_shipped_sweeps_are_valid():
     assert set(sweep.space) == {"train.beta", "loop.iterations", "generate.n_negatives",
                                 "train.dpo.learning_rate"}
     assert base.data.history_len == 5 and "valid" in base.evaluate.splits   # configs/ml100k.yaml
-    load_sweep(ROOT / "tune" / "sweep-tiny.yaml")
+    for path in sorted((ROOT / "tune").glob("sweep-*.yaml")):     # every key and value checked
+        load_sweep(path)
     sweep, base = load_sweep(ROOT / "tune" / "sweep-repro.yaml")     # scripts/reproduce.sh
     assert sweep.search == "grid" and base.data.n_train == 512
 
