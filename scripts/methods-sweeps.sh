@@ -5,7 +5,7 @@
 #   D3's α is tune/sweep-d3.yaml (its own command: it decodes on transformers).
 #   [PI0=RUN] bash scripts/methods-sweeps.sh [RUNS_DIR] [METHOD ...]
 # (default RUNS_DIR: runs/methods; default methods: dmpo sdpo rosepo gdrt ufo). On 2 cores:
-# DMPO ~15 min, SDPO ~8, RosePO ~12, GDRT ~32, UFO-like ~48. A finished sweep (its report
+# DMPO 13 min, SDPO 10, RosePO 13, GDRT 39 (measured), UFO-like ~48 (estimated). A finished sweep (its report
 # written) is skipped; an interrupted one resumes. RECRAY_NO_SETUP=1 skips scripts/setup.sh.
 set -euo pipefail
 # shellcheck disable=SC1091

@@ -1,7 +1,7 @@
 """IFairLRS re-ranking (recray.evaluate.rerank): the penalty, the choice of λ, the scaled
 ranking by hand, and on real MovieLens-100k answers: λ = 0 is the plain ranking exactly,
-a penalty makes the over-recommended genre recede, fixed-point rounds lower MGU further,
-and test applies valid's plan."""
+a penalty makes the over-recommended genre recede, a fixed-point round that would raise
+MGU is dropped, and test applies valid's plan."""
 
 from __future__ import annotations
 

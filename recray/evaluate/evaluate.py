@@ -203,11 +203,12 @@ def rerank_predictions(ground, plain: tuple[pa.Table, dict], catalog: pa.Table, 
                        plan_file: Path | None) -> tuple[pa.Table, dict, dict]:
     """IFairLRS re-ranking (recray.evaluate.rerank) of one evaluation. `ground(scale)`
     grounds and scores the answers with a distance scale. `fit` (valid): fit π and λ
-    (and π's fixed-point rounds) here; else apply the plan in `plan_file`. The metrics keep the plain ranking's too."""
+    (and π's fixed-point rounds) here; else apply the plan in `plan_file`. The metrics keep
+    the plain ranking's too."""
     from recray.evaluate import rerank
     if fit:
-        penalty = rerank.item_penalty(rerank.group_unfairness(plain[1], cfg.k),
-                                      catalog.column("categories").to_pylist())
+        categories = catalog.column("categories").to_pylist()
+        penalty = rerank.item_penalty(rerank.group_unfairness(plain[1], cfg.k), categories)
         results = {0.0: plain, **{lam: ground(rerank.scale(penalty, lam))
                                   for lam in cfg.lambdas if lam != 0}}
         lam = rerank.choose_lambda({k: m for k, (_, m) in results.items()}, cfg.k, cfg.ndcg_guard)
@@ -216,7 +217,7 @@ def rerank_predictions(ground, plain: tuple[pa.Table, dict], catalog: pa.Table, 
         rounds = [{w: metrics[w] for w in watched}]
         while lam and len(rounds) < cfg.rounds:
             more = penalty + rerank.item_penalty(rerank.group_unfairness(metrics, cfg.k),
-                                                 catalog.column("categories").to_pylist())
+                                                 categories)
             again = ground(rerank.scale(more, lam))
             if not rerank.round_helps(again[1], metrics, plain[1], cfg.k, cfg.ndcg_guard):
                 break
