@@ -136,7 +136,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from recray.loop import METHODS
+    from recray.methods import METHODS
     width = max(map(len, METHODS))
     for name, method in METHODS.items():
         print(f"{name:{width}s}  {method.about}")

@@ -388,7 +388,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def given_tree(cfg: Config) -> dict:
     """The settings given (YAML and overrides) as a tree, without the defaults: what a
     config is rebuilt from (build_config) where it must mean the same again. A full dump
-    would mark every key as given, so a method's own defaults (loop.method_config: DMPO's
+    would mark every key as given, so a method's own defaults (recray.methods.method_config: DMPO's
     k, D3's decoding) would no longer apply."""
     return cfg.model_dump(mode="json", exclude_unset=True)
 
@@ -403,3 +403,10 @@ def build_config(tree: dict, values: Iterable[tuple[str, object]] = ()) -> Confi
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+
+
+def pick(tree: dict, dotted: str):
+    """The value at a dotted key of a config dump (None where a level is missing)."""
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree

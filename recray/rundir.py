@@ -322,3 +322,9 @@ class RunDir:
                               f"free disk space, then resume with `recray run --resume "
                               f"{self.root}`") from e
         os.replace(tmp, self.root / "manifest.json")
+
+
+def row_metrics(row: dict) -> dict:
+    """An evaluation stage's row.json without what names the row: its metrics."""
+    return {k: v for k, v in row.items()
+            if k not in ("method", "iteration", "split", "reused_from")}

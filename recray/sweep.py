@@ -187,7 +187,7 @@ def _is_run_config_key(dotted: str) -> bool:
 
 def check_sweep(sweep: SweepConfig, base: Config) -> None:
     """Everything about the sweep that can be wrong before a trial starts."""
-    from recray.loop import check_config
+    from recray.methods import check_config
     tree = given_tree(base)
     for key, dist in sweep.space.items():
         if not _is_run_config_key(key):

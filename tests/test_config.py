@@ -4,7 +4,7 @@ import pytest
 
 from recray.config import load_config
 from recray.errors import ConfigError
-from recray.loop import check_config
+from recray.methods import check_config
 
 
 def test_yaml_and_dotted_overrides(tmp_path):

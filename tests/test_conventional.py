@@ -120,7 +120,7 @@ def test_random_scores_are_seeded_per_sample():
 def test_reference_rows_run_through_the_loop(method, ml100k_prepared, tmp_path):
     from recray.config import load_config
     from recray.job import run_job
-    from recray.loop import METHODS
+    from recray.methods import METHODS
     prepared, _ = ml100k_prepared
     cfg = load_config(None, [f"loop.method={method}", "sasrec.max_epochs=3",
                              "tracking.mlflow=false", "evaluate.splits=[valid,test]"])
@@ -151,7 +151,7 @@ def test_d3_decodes_pi0_over_the_catalog_with_sasrec_as_prior(tiny_pi0, tiny_pi0
     catalog title; the row is D3's, with the α it decoded with."""
     from recray.config import load_config
     from recray.job import run_job
-    from recray.loop import method_config
+    from recray.methods import method_config
     cfg = load_config(None, [*tiny_pi0, "loop.method=d3", "sasrec.max_epochs=2",
                              "evaluate.decoding.max_new_tokens=40",
                              "tracking.mlflow=false", "evaluate.splits=[valid,test]"])

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recray.loop import METHODS, iteration_samples, pairwise
+from recray.loop import iteration_samples, pairwise
+from recray.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_methods_cover_the_paper():
 
 def test_dmpo_sdpo_rosepo_take_their_negatives_and_their_own_losses():
     from recray.config import load_config
-    from recray.loop import method_config, pairs_per_negative, planned_iterations
+    from recray.methods import method_config, pairs_per_negative, planned_iterations
     sdpo = method_config(load_config(None, ["loop.method=sdpo"]))
     assert (sdpo.generate.n_negatives, sdpo.generate.source) == (3, "random")
     assert sdpo.train.multi_negative_loss == "softmax"
@@ -197,7 +198,7 @@ def test_pairwise_expands_each_negative_to_its_own_pair():
 def test_settings_that_would_stop_or_be_ignored_by_a_run_are_refused_before_it_starts():
     from recray.config import load_config
     from recray.errors import ConfigError
-    from recray.loop import check_config
+    from recray.methods import check_config
     with pytest.raises(ConfigError, match="train.reweight=true(.|\n)*loop.method=rw"):
         check_config(load_config(None, ["train.reweight=true"]))           # sprec: in-loop SFT
     check_config(load_config(None, ["train.reweight=true", "loop.method=sprec-nosft"]))
@@ -235,7 +236,8 @@ def test_init_from_copies_pi0_once_refuses_another_config_and_reevaluates(tmp_pa
     from recray.config import load_config
     from recray.errors import ConfigError
     from recray.evaluate.report import TABLE_COLUMNS, report
-    from recray.loop import method_config, reuse_initial_policy
+    from recray.init_from import reuse_initial_policy
+    from recray.methods import method_config
     from recray.rundir import RunDir
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml")

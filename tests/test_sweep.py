@@ -209,7 +209,7 @@ def test_trial_configs_keep_each_methods_own_defaults():
     loop.init_from do the same): D3's sweep decodes with 4 beams at each α, a DMPO base keeps
     k = 3. Rebuilt from a whole dump, every key would count as given: greedy, N = 1."""
     from recray.config import build_config, given_tree, load_config
-    from recray.loop import method_config
+    from recray.methods import method_config
     from recray.sweep import load_sweep
     _, d3 = load_sweep(ROOT / "tune" / "sweep-d3.yaml")
     for alpha in (0.1, 0.5):

@@ -20,7 +20,8 @@ import yaml
 
 from recray.config import build_config, given_tree
 from recray.evaluate.report import TABLE_COLUMNS, load_rows
-from recray.loop import _pick, planned_iterations
+from recray.config import pick
+from recray.methods import planned_iterations
 from recray.sweep import PENALTY, objective_value, read_sweep
 
 # Accuracy against fairness (MGU, lower is better) and against diversity (DivRatio, higher).
@@ -58,7 +59,7 @@ def load_trials(root: Path) -> list[dict]:
         run = root / "trials" / trial_id
         if (run / "manifest.json").exists():        # the values as the run used them
             ran = json.loads((run / "manifest.json").read_text())["config"]
-            params = {key: _pick(ran, key) for key in sweep.space}
+            params = {key: pick(ran, key) for key in sweep.space}
         rows = load_rows(run) if (run / "metrics.jsonl").exists() else []
         rows = [r for r in rows if r["split"] == sweep.objective.split]
         trial = {"trial_id": trial_id, "status": status, "params": params, "run_dir": run,
