@@ -405,8 +405,37 @@ def build_config(tree: dict, values: Iterable[tuple[str, object]] = ()) -> Confi
         raise ConfigError(_format_validation_error(e)) from None
 
 
+# What makes two runs' π_0 the same model (loop.init_from compares them with the methods'
+# switches applied), what makes two evaluations of a model the same (with the engine's
+# backend), and what the loop's steps add to π_0 (a report averages runs of one method as
+# replicates only where all of these but the seeds, every key named `seed`, agree).
+INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "train.reweight",
+                       "train.max_length", "train.seed", "train.per_device_batch_size",
+                       "train.gradient_accumulation_steps", "train.scaling.num_workers",
+                       "train.scaling.use_gpu", "train.precision", "train.warmup_ratio",
+                       "train.weight_decay", "train.deepspeed")
+EVALUATION_KEYS = ("generate.max_model_len", "generate.constrain_to_catalog", "evaluate.decoding",
+                   "evaluate.embedder", "evaluate.limit", "evaluate.rerank")
+LOOP_STEP_KEYS = ("loop.method", "loop.iterations", "loop.samples_per_iteration",
+                  "loop.dmpo_form", "train.sft_loop", "train.dpo", "train.beta",
+                  "train.max_negatives", "train.multi_negative_loss", "train.rosepo",
+                  "train.dpo_shared_prompt", "generate.decoding", "generate.n_negatives",
+                  "generate.random_ratio", "generate.fill_short", "ufo")
+
+
 def pick(tree: dict, dotted: str):
     """The value at a dotted key of a config dump (None where a level is missing)."""
     for key in dotted.split("."):
         tree = tree.get(key) if isinstance(tree, dict) else None
     return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dump as {dotted key: value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

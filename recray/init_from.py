@@ -9,23 +9,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from recray.config import Config, build_config, pick
+from recray.config import EVALUATION_KEYS, INITIAL_POLICY_KEYS, Config, build_config, pick
 from recray.errors import ConfigError
 from recray.methods import METHODS, method_config
 from recray.rundir import RunDir, config_diff, row_metrics
 
 log = logging.getLogger(__name__)
-
-
-# What makes two runs' π_0 the same model (with the methods' switches applied:
-# method_config), and what makes its evaluation rows the same (with the engine's backend).
-INITIAL_POLICY_KEYS = ("data", "loop.base_model", "train.lora", "train.sft", "train.reweight",
-                       "train.max_length", "train.seed", "train.per_device_batch_size",
-                       "train.gradient_accumulation_steps", "train.scaling.num_workers",
-                       "train.scaling.use_gpu", "train.precision", "train.warmup_ratio",
-                       "train.weight_decay", "train.deepspeed")
-EVALUATION_KEYS = ("generate.max_model_len", "generate.constrain_to_catalog", "evaluate.decoding",
-                   "evaluate.embedder", "evaluate.limit", "evaluate.rerank")
 
 
 def initial_policy(config: dict) -> str:

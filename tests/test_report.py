@@ -38,6 +38,30 @@ def test_report_files_and_table(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_runs_of_one_method_are_averaged_only_when_they_differ_in_seeds_alone(tmp_path):
+    """Two BIGRec runs with other learning rates are two rows named by run, with the key
+    named; two that differ only in train.seed are one row of n = 2."""
+    from recray.config import load_config
+    from recray.rundir import RunDir
+
+    def run(name, overrides, value):
+        cfg = load_config(None, ["loop.method=bigrec", *overrides])
+        RunDir.create(tmp_path / name, cfg.model_dump(mode="json"), {}).release()
+        (tmp_path / name).rename(tmp_path / f"{name}.tmp")
+        write_run(tmp_path / name, "bigrec", [value])
+        (tmp_path / f"{name}.tmp" / "manifest.json").rename(tmp_path / name / "manifest.json")
+        return tmp_path / name
+
+    probes = [run("lr3e-4", [], 0.2), run("lr1e-3", ["train.sft.learning_rate=1e-3"], 0.4)]
+    text = report(probes, tmp_path / "probes").read_text()
+    assert "| BIGRec (lr3e-4) | 0.2000" in text and "| BIGRec (lr1e-3) | **0.4000**" in text
+    assert "BIGRec: the runs differ in train.sft.learning_rate, so each setting" in text
+    assert "n=2" not in text
+    seeds = [run("s0", [], 0.2), run("s1", ["train.seed=1"], 0.4)]
+    text = report(seeds, tmp_path / "seeds").read_text()
+    assert "| BIGRec (n=2) | 0.3000 ± 0.1414" in text and "differ in" not in text
+
+
 def test_single_method_has_no_bold():
     rows = {"sprec": [{c: 0.1 for c in TABLE_COLUMNS}]}
     assert "**" not in comparison_table(rows)

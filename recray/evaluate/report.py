@@ -5,7 +5,9 @@ keys `method`, `iteration`, `split` and the metrics of `metrics.json`. One run m
 several methods: a SPRec run's iteration 0 is π_0, i.e. BIGRec (unless copied from another
 run by `loop.init_from`: then it shows in the curves but counts once). A bare evaluation
 directory (just `metrics.json`) also works: it counts as iteration 0 of a method named
-after the directory. Runs of the same method (e.g. seeds) are averaged, mean ± sample std (n shown).
+after the directory. Runs of the same method that differ only in their seeds are averaged,
+mean ± sample std (n shown); runs of one method with other settings (a probe of π_0's
+learning rate, say) are rows of their own, named by run, with the keys they differ in.
 
 Beside the means, each run's last evaluation is compared with BIGRec's on the same
 samples: the paired bootstrap 95% interval of the difference in HR@K and NDCG@K, read
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recray.config import EVALUATION_KEYS, INITIAL_POLICY_KEYS, LOOP_STEP_KEYS, flatten, pick
 from recray.errors import RecrayError
 from recray.evaluate.metrics import paired_bootstrap
 
@@ -258,18 +261,54 @@ def kept_policy_rows(rows: list[dict], split: str, method: str) -> list[dict]:
              "kept_iteration": last} for r in kept if r["iteration"] == last]
 
 
-def _per_method(finals: list[tuple[Path, dict]]) -> dict[str, list[dict]]:
-    """The `_finals` rows by method, one per run that holds the method."""
-    per_method: dict[str, list[dict]] = defaultdict(list)
+def _per_method(finals: list[tuple[Path, dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """The `_finals` rows by method, one per run that holds the method, and a line per
+    method whose runs are not replicates: those rows are split by their settings and named
+    by run ("BIGRec (lr1e-3)"), the line says which keys differ."""
+    by_name: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
     for run_dir, row in finals:
-        per_method[row_name(row, run_dir.name)].append(row)
-    return dict(per_method)
+        by_name[row_name(row, run_dir.name)].append((run_dir, row))
+    per_method: dict[str, list[dict]] = {}
+    notes = []
+    for name, members in by_name.items():
+        groups: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
+        settings = [model_settings(run_dir, row) for run_dir, row in members]
+        for member, setting in zip(members, settings):
+            groups[json.dumps(setting, sort_keys=True, default=str)].append(member)
+        if len(groups) == 1 or not all(settings):      # a bare evaluation: nothing to compare
+            per_method[name] = [row for _, row in members]
+            continue
+        differing = sorted({k for s in settings for k in s
+                            if len({json.dumps(t.get(k), default=str) for t in settings}) > 1})
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        notes.append(f"{_label(name)}: the runs differ in {shown}, so each setting is its own "
+                     f"row (runs that differ only in seeds are averaged).")
+        for group in groups.values():
+            runs = ", ".join(dict.fromkeys(run_dir.name for run_dir, _ in group))
+            per_method[f"{name} ({runs})"] = [row for _, row in group]
+    return per_method, notes
+
+
+def model_settings(run_dir: Path, row: dict) -> dict:
+    """What makes a row's model and its evaluation, seeds left out, as {dotted key: value}:
+    π_0's (or a reference recommender's) settings for an iteration-0 row, whichever run it
+    comes from, those and the loop's steps' otherwise. Empty for a bare evaluation directory
+    (no manifest: nothing to compare)."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        return {}
+    config = json.loads(path.read_text())["config"]
+    keys = INITIAL_POLICY_KEYS + ("train.gdrt", "sasrec", "bifair") + EVALUATION_KEYS
+    if row["iteration"] > 0:
+        keys += LOOP_STEP_KEYS
+    return {k: v for k, v in flatten({key: pick(config, key) for key in keys}).items()
+            if k.rsplit(".", 1)[-1] != "seed"}
 
 
 def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str,
                         baseline: str) -> list[str]:
     finals = _finals(run_dirs, runs, split)
-    per_method = _per_method(finals)
+    per_method, unlike = _per_method(finals)
     if not per_method:         # e.g. one run whose rows are all another run's (loop.init_from)
         return [f"## Comparison ({split} split)", "",
                 "No model of its own: every row on this split is another run's "
@@ -281,7 +320,7 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
         comparison_table(per_method), "",
         "↑ higher is better for DivRatio, HR, NDCG; ↓ lower is better for ORRatio, MGU. "
         "Bold: the unique best per column. ± is the sample standard deviation over n runs.", "",
-        *([f"- {line}" for line in verdicts] + [""] if verdicts else []),
+        *([f"- {line}" for line in unlike + verdicts] + [""] if unlike + verdicts else []),
         *([f"### Differences to {_label(baseline)} ({split}; same samples, paired bootstrap, "
            "2,000 resamples)",
            "", differences, "", "An interval that holds 0 is no evidence of a difference.", ""]
@@ -290,7 +329,7 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
 
 
 def _general_section(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[str]:
-    per_method = _per_method(_finals(run_dirs, runs, split))
+    per_method, _ = _per_method(_finals(run_dirs, runs, split))
     if not per_method:
         return []
     return [f"## BiFair's general-recommendation protocol ({split} split)", "",
@@ -326,7 +365,7 @@ def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None,
         (output / "report.md").write_text("\n".join(lines))
         return output / "report.md"
     plot_curves(runs, splits[0], output / "metrics_per_iteration.png")
-    genres = plot_gu(_per_method(_finals(run_dirs, runs, splits[0])), output / "gu_by_genre.png")
+    genres = plot_gu(_per_method(_finals(run_dirs, runs, splits[0]))[0], output / "gu_by_genre.png")
     lines += [f"## Metrics per self-play iteration ({splits[0]})", "",
               "![metrics per iteration](metrics_per_iteration.png)", ""]
     if genres:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from recray.config import build_config, given_tree
+from recray.config import build_config, given_tree, pick
 from recray.evaluate.report import TABLE_COLUMNS, load_rows
-from recray.config import pick
 from recray.methods import planned_iterations
 from recray.sweep import PENALTY, objective_value, read_sweep
 
