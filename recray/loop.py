@@ -102,7 +102,7 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
         if on_iteration:
             on_iteration(0, metrics)
 
-        kept_valid = metrics.get("valid")       # the judger's verdicts compare on valid
+        kept = metrics                  # the kept model's metrics (a verdict may revert a step)
         for t in range(1, iterations + 1):
             it, previous = f"it{t}", policy
             if not run.done(f"{it}/samples"):
@@ -141,15 +141,17 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             metrics = _evaluate(run, t, cfg, cfg.loop.method,
                                 _llm_evaluator(policy, pool, cfg, prepared,
                                                run.path(f"{it}/eval/valid")))
-            if on_iteration:
-                on_iteration(t, metrics)
-            if method.judge:
-                verdict = verdict_stage(run, t, metrics["valid"], kept_valid, cfg)
+            verdict = verdict_stage(run, t, metrics["valid"], kept["valid"], cfg) \
+                if method.judge else {"kept": True, "stop": False}
+            if verdict["kept"]:
+                kept = metrics
+            else:                       # the run's model is still the one kept before
+                policy = previous
                 write_metrics_log(run)
-                policy, kept_valid = ((policy, metrics["valid"]) if verdict["kept"]
-                                      else (previous, kept_valid))
-                if verdict["stop"]:
-                    break
+            if on_iteration:            # a sweep scores the run's model, not a reverted step
+                on_iteration(t, kept)
+            if verdict["stop"]:
+                break
 
 
 def _trained_policy(base: str, stage: Path, cfg: Config):

@@ -57,7 +57,9 @@ def test_ufo_runs_through_the_loop_with_weighted_steps(tiny_pi0, tiny_pi0_run, t
     from recray.job import run_job
     cfg = load_config(None, [*tiny_pi0, "loop.method=ufo", "tracking.mlflow=false",
                              "ufo.rho=1", "evaluate.splits=[valid,test]"])
-    run = run_job(cfg, tmp_path / "ufo", prepared=tiny_pi0_run / "prepared")
+    reported = {}
+    run = run_job(cfg, tmp_path / "ufo", prepared=tiny_pi0_run / "prepared",
+                  on_iteration=lambda t, by_split: reported.update({t: by_split}))
     record = json.loads((run.root / "it1" / "judge" / "judge.json").read_text())
     assert set(record["u"]) == set(json.loads((tiny_pi0_run / "prepared" / "groups.json").read_text())["groups"])
     assert record["prior"] is not None and (run.root / "it0" / "prior" / "negatives.parquet").exists()
@@ -66,5 +68,10 @@ def test_ufo_runs_through_the_loop_with_weighted_steps(tiny_pi0, tiny_pi0_run, t
     decision = json.loads((run.root / "it1" / "verdict" / "verdict.json").read_text())
     rows = [json.loads(line) for line in (run.root / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("reverted", False) for r in rows if r["iteration"] == 1] == [not decision["kept"]] * 2
+    # a sweep scores the run's model: after a reverted step, still π_0's metrics
+    kept = 1 if decision["kept"] else 0
+    assert reported[1]["valid"]["HR@5"] == next(r["HR@5"] for r in rows if r["iteration"] == kept
+                                                and r["split"] == "valid")
+    assert reported[1]["valid"] == reported[kept]["valid"]
     summary = json.loads((run.root / "it1" / "policy" / "summary.json").read_text())
     assert summary["data"]["samples"] == pq.read_table(run.root / "it1" / "judge" / "negatives.parquet").num_rows

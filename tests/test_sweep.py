@@ -165,6 +165,32 @@ def test_sweep_report_from_trial_run_directories(tmp_path, monkeypatch):
     assert "**2 trials tie at the best objective** (b, a)" in text
 
 
+def test_a_trial_whose_verdicts_reverted_its_steps_is_scored_by_the_model_it_kept(tmp_path):
+    """UFO-like: iterations 1 and 2 reverted, so the trial's model and objective are π_0's,
+    and best.yaml still asks for the whole run (T = 2), which returns that model."""
+    from recray.rundir import RunDir
+    sweep, base = load_sweep(sweep_file(tmp_path, (
+        "overrides: [loop.method=ufo, loop.iterations=2]\n"
+        "space: {ufo.eta: {type: grid, values: [0.5, 2]}}\n"
+        "objective: {metric: DivRatio@1, mode: max, constraints: [{metric: MGU@1, max: 0.2}]}\n")))
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"format": MARKER, "sweep": sweep.model_dump(mode="json"),
+                                                 "base": base.model_dump(mode="json")}))
+    for name, eta, kept in (("a", 0.5, 0), ("b", 2.0, 1)):
+        cfg = base.model_copy(update={"ufo": base.ufo.model_copy(update={"eta": eta})})
+        run = RunDir.create(root / "trials" / name, cfg.model_dump(mode="json"), {})
+        rows = [{"method": "ufo" if t else "bigrec", "iteration": t, "split": "valid",
+                 "DivRatio@1": 0.3 + 0.2 * t, "MGU@1": 0.1 + 0.1 * t, "HR@5": 0.1, "NDCG@5": 0.1,
+                 **({"reverted": True} if t > kept else {})} for t in range(3)]
+        (run.root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = sweep_report(root, root / "report").read_text()
+    # a's iteration 2 (DivRatio 0.7, MGU 0.3 ✗) is reverted: its model is π_0's (0.3)
+    assert "b: DivRatio@1 0.5000 at iteration 2 (kept 1)" in text
+    assert "| a | UNKNOWN | 0.5 | 2 (kept 0) | 0.3 | 0.3 |" in text
+    assert load_config(root / "report" / "best.yaml").loop.iterations == 2
+
+
 def test_trials_that_cannot_run_side_by_side_are_refused(ray_session, tmp_path, monkeypatch):
     """2 CPUs, a trial needs 2 (driver 1 + 1 training worker): two at once would wait forever."""
     from recray.sweep import check_concurrency

@@ -64,11 +64,14 @@ def load_trials(root: Path) -> list[dict]:
         trial = {"trial_id": trial_id, "status": status, "params": params, "run_dir": run,
                  "iteration": None, "objective": None, "feasible": None, "metrics": {}}
         if rows:
-            last = max(rows, key=lambda r: r["iteration"])
-            trial["iteration"], trial["metrics"] = last["iteration"], last
-            trial["objective"], trial["feasible"] = objective_value(last, sweep.objective)
+            # a step UFO-like's verdict reverted is not the run's model: the one kept is
+            model = max((r for r in rows if not r.get("reverted")), key=lambda r: r["iteration"])
+            reached = max(r["iteration"] for r in rows)
+            trial["iteration"], trial["metrics"] = reached, model
+            trial["kept_iteration"] = model["iteration"]
+            trial["objective"], trial["feasible"] = objective_value(model, sweep.objective)
             config = build_config(given_tree(base), params.items())
-            if status == "TERMINATED" and last["iteration"] < planned_iterations(config):
+            if status == "TERMINATED" and reached < planned_iterations(config):
                 trial["status"] = "STOPPED"          # by ASHA, after a rung
         trials.append(trial)
     return trials
@@ -94,6 +97,12 @@ def write_best_config(trial: dict, path: Path, objective_text: str) -> None:
               f"# {objective_text} = {trial['objective']:.4f} at iteration {trial['iteration']}.\n"
               f"# Run it again with: recray run -c {path}\n")
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+
+
+def _iteration(trial: dict) -> str:
+    """The last iteration a trial ran, and the one whose model it kept where that is earlier."""
+    kept = trial.get("kept_iteration", trial["iteration"])
+    return _fmt(trial["iteration"]) + (f" (kept {kept})" if kept != trial["iteration"] else "")
 
 
 def _fmt(value) -> str:
@@ -221,7 +230,7 @@ def sweep_report(root: Path, output: Path) -> Path:
                       "the objective does not choose between them; the one named is the first "
                       "by iterations run, then in trial order.", ""]
         lines += [f"{best['trial_id']}: {obj.metric} {best['metrics'][obj.metric]:.4f} at iteration "
-                  f"{best['iteration']} ({best['status']}), with "
+                  f"{_iteration(best)} ({best['status']}), with "
                   + ", ".join(f"{k} = {_fmt(best['params'].get(k))}" for k in keys) + ".", "",
                   f"Its whole run config: `best.yaml`; run it again with "
                   f"`recray run -c {output / 'best.yaml'}`. Its run directory: {best['run_dir']}.", ""]
@@ -237,12 +246,14 @@ def sweep_report(root: Path, output: Path) -> Path:
         marks = "".join("●" if fronts[n].get(t["trial_id"]) else "·" for n in front_names)
         lines.append(f"| {t['trial_id']} | {t['status']} | "
                      + " | ".join(_fmt(t["params"].get(k)) for k in keys)
-                     + f" | {_fmt(t['iteration'])} | {_fmt(t['objective'])}"
+                     + f" | {_iteration(t)} | {_fmt(t['objective'])}"
                      + ("" if t["feasible"] is not False else " ✗") + " | "
                      + " | ".join(_fmt(t["metrics"].get(m)) for m in shown) + f" | {marks} |")
     lines += ["", f"✗: breaks a constraint. Pareto: ● on the front of "
               f"{' / '.join(front_names)} (in that order). STOPPED: ended early by ASHA; its "
-              f"metrics are those of its last iteration.", "",
+              f"metrics are those of its last iteration. \"kept k\": the run's verdicts "
+              f"(UFO-like) reverted the later steps, so its model, and its metrics, are "
+              f"iteration k's.", "",
               "## Accuracy against fairness and diversity", "", "![Pareto fronts](pareto.png)", ""]
     for name, front in fronts.items():
         ids = [i for i, f in front.items() if f]
