@@ -28,6 +28,16 @@ def sweep_file(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def sweep_root(tmp_path: Path, body: str):
+    """A sweep directory as `recray sweep` starts it (sweep.json), without Tune state."""
+    sweep, base = load_sweep(sweep_file(tmp_path, body))
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"format": MARKER, "sweep": sweep.model_dump(mode="json"),
+                                                 "base": base.model_dump(mode="json")}))
+    return root, base
+
+
 @pytest.mark.parametrize("space, message", [
     ("{train.betta: {type: uniform, low: 0.1, high: 1}}", "space.train.betta: unknown run-config key"),
     ("{trainn.beta: {type: uniform, low: 0.1, high: 1}}", "space.trainn.beta: unknown run-config key"),
@@ -128,14 +138,10 @@ def test_sweep_report_from_trial_run_directories(tmp_path, monkeypatch):
     """Without Tune state (statuses UNKNOWN): a trial stopped after iteration 1 of 2 is best,
     so best.yaml asks for the run that measured it, loop.iterations = 1."""
     from recray.rundir import RunDir
-    sweep, base = load_sweep(sweep_file(tmp_path, (
+    root, base = sweep_root(tmp_path, (
         "overrides: [loop.iterations=2]\n"
         "space: {train.beta: {type: loguniform, low: 0.01, high: 1}}\n"
-        "objective: {constraints: [{metric: MGU@1, max: 0.2}]}\n")))
-    root = tmp_path / "s"
-    root.mkdir()
-    (root / "sweep.json").write_text(json.dumps({"format": MARKER, "sweep": sweep.model_dump(mode="json"),
-                                                 "base": base.model_dump(mode="json")}))
+        "objective: {constraints: [{metric: MGU@1, max: 0.2}]}\n"))
     finals = {"a": (0.05, 1, 0.4, 0.1), "b": (0.5, 2, 0.3, 0.1), "c": (0.9, 2, 0.5, 0.6)}
     for name, (beta, last, ndcg, mgu) in finals.items():
         cfg = base.model_copy(update={"train": base.train.model_copy(update={"beta": beta})})
@@ -169,14 +175,10 @@ def test_a_trial_whose_verdicts_reverted_its_steps_is_scored_by_the_model_it_kep
     """UFO-like: iterations 1 and 2 reverted, so the trial's model and objective are π_0's,
     and best.yaml still asks for the whole run (T = 2), which returns that model."""
     from recray.rundir import RunDir
-    sweep, base = load_sweep(sweep_file(tmp_path, (
+    root, base = sweep_root(tmp_path, (
         "overrides: [loop.method=ufo, loop.iterations=2]\n"
         "space: {ufo.eta: {type: grid, values: [0.5, 2]}}\n"
-        "objective: {metric: DivRatio@1, mode: max, constraints: [{metric: MGU@1, max: 0.2}]}\n")))
-    root = tmp_path / "s"
-    root.mkdir()
-    (root / "sweep.json").write_text(json.dumps({"format": MARKER, "sweep": sweep.model_dump(mode="json"),
-                                                 "base": base.model_dump(mode="json")}))
+        "objective: {metric: DivRatio@1, mode: max, constraints: [{metric: MGU@1, max: 0.2}]}\n"))
     for name, eta, kept in (("a", 0.5, 0), ("b", 2.0, 1)):
         cfg = base.model_copy(update={"ufo": base.ufo.model_copy(update={"eta": eta})})
         run = RunDir.create(root / "trials" / name, cfg.model_dump(mode="json"), {})
@@ -185,7 +187,7 @@ def test_a_trial_whose_verdicts_reverted_its_steps_is_scored_by_the_model_it_kep
                  **({"reverted": True} if t > kept else {})} for t in range(3)]
         (run.root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = sweep_report(root, root / "report").read_text()
-    # a's iteration 2 (DivRatio 0.7, MGU 0.3 ✗) is reverted: its model is π_0's (0.3)
+    # a's iterations 1 and 2 (MGU 0.2, 0.3 ✗) are reverted: its model is π_0's (DivRatio 0.3)
     assert "b: DivRatio@1 0.5000 at iteration 2 (kept 1)" in text
     assert "| a | UNKNOWN | 0.5 | 2 (kept 0) | 0.3 | 0.3 |" in text
     assert load_config(root / "report" / "best.yaml").loop.iterations == 2
