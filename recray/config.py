@@ -114,7 +114,9 @@ class RoseConfig(Strict):
 class GdrtConfig(Strict):
     """GDRT (seed-methods.md §2): π_0's SFT as group DRO over answer tokens grouped by how
     predictable they are without the user (a_t under a scorer, terciles)."""
-    tau: float = Field(1.0, gt=0)           # q = softmax(L̄ / tau): ∞ group-balanced, 0 worst group
+    # q = softmax(L̄ / tau): ∞ group-balanced, 0 worst group; 0.25 chosen on valid
+    # (tune/sweep-gdrt.yaml, docs/results/sweep-gdrt)
+    tau: float = Field(0.25, gt=0)
     groups: int = Field(3, ge=2)            # global quantile groups of a_t
     ema: float = Field(0.9, ge=0, lt=1)     # decay of the group losses q is computed from
     scorer: str | None = None               # a BIGRec π_0 adapter (or model) folder; None: train one

@@ -251,14 +251,20 @@ def _finals(run_dirs: list[Path], runs: list[list[dict]], split: str) -> list[tu
     return out
 
 
+def kept_rows(rows: list[dict], split: str) -> list[dict]:
+    """The rows on `split` of the model a run ends with: its last iteration that no verdict
+    (UFO-like) reverted, rows copied from another run (loop.init_from) included."""
+    kept = [r for r in rows if r.get("split") == split and not r.get("reverted")]
+    last = max((r["iteration"] for r in kept), default=None)
+    return [r for r in kept if r["iteration"] == last]
+
+
 def kept_policy_rows(rows: list[dict], split: str, method: str) -> list[dict]:
     """A run whose verdicts reverted every step of `method` (UFO-like): its model is the
     policy it kept (π_0, perhaps copied from another run), so that row stands for the run
     under the run's method, with the iteration it comes from."""
-    kept = [r for r in rows if r.get("split") == split and not r.get("reverted")]
-    last = max(r["iteration"] for r in kept)
     return [{**{k: v for k, v in r.items() if k != "reused_from"}, "method": method,
-             "kept_iteration": last} for r in kept if r["iteration"] == last]
+             "kept_iteration": r["iteration"]} for r in kept_rows(rows, split)]
 
 
 def _per_method(finals: list[tuple[Path, dict]]) -> tuple[dict[str, list[dict]], list[str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from recray.config import build_config, given_tree, pick
-from recray.evaluate.report import TABLE_COLUMNS, load_rows
+from recray.evaluate.report import TABLE_COLUMNS, kept_rows, load_rows
 from recray.methods import planned_iterations
 from recray.sweep import PENALTY, objective_value, read_sweep
 
@@ -64,8 +64,7 @@ def load_trials(root: Path) -> list[dict]:
         trial = {"trial_id": trial_id, "status": status, "params": params, "run_dir": run,
                  "iteration": None, "objective": None, "feasible": None, "metrics": {}}
         if rows:
-            # a step UFO-like's verdict reverted is not the run's model: the one kept is
-            model = max((r for r in rows if not r.get("reverted")), key=lambda r: r["iteration"])
+            model = kept_rows(rows, sweep.objective.split)[0]
             reached = max(r["iteration"] for r in rows)
             trial["iteration"], trial["metrics"] = reached, model
             trial["kept_iteration"] = model["iteration"]
