@@ -17,7 +17,7 @@ declare -A PROBE=(
   [base]="loop.method=bigrec"
   [lr1e-3]="loop.method=bigrec train.sft.learning_rate=1e-3"
   [lr1e-4]="loop.method=bigrec train.sft.learning_rate=1e-4"
-  [r64]="loop.method=bigrec train.lora.r=64 train.lora.alpha=128"
+  [r64]="loop.method=bigrec train.lora.r=64 train.lora.alpha=128 generate.max_lora_rank=64"
   [full]="loop.method=bigrec train.lora.enabled=false train.sft.learning_rate=2e-5"
   [history10]="loop.method=bigrec data.history_len=10"
 )
