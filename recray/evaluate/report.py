@@ -63,12 +63,7 @@ def final_rows(rows: list[dict], split: str) -> list[dict]:
     """Each run's last iteration on `split`; rows a run copied from another (loop.init_from)
     are that other run's, so they count there only; a step UFO-like's verdict reverted is
     not the run's model."""
-    on_split = [r for r in rows if r.get("split") == split and "reused_from" not in r
-                and not r.get("reverted")]
-    if not on_split:
-        return []
-    last = max(r["iteration"] for r in on_split)
-    return [r for r in on_split if r["iteration"] == last]
+    return kept_rows([r for r in rows if "reused_from" not in r], split)
 
 
 def row_name(row: dict, default: str) -> str:
