@@ -115,7 +115,7 @@ def test_differences_to_bigrec_carry_paired_intervals_and_mostpop_verdicts(tmp_p
     write_evaluated_run(tmp_path / "s", "sprec", same)
     text = report([tmp_path / "b", tmp_path / "m", tmp_path / "s"], tmp_path / "out").read_text()
     mostpop = next(line for line in text.splitlines() if line.startswith("| MostPop (train-split targets) (m)"))
-    diff, interval = mostpop.split(" | ")[1].split(" [")
+    diff, interval = mostpop.split(" | ")[2].split(" [")
     low, high = (float(x) for x in interval.rstrip("]").split(", "))
     assert float(diff) == pytest.approx(0.2) and 0.1 < low < 0.2 < high < 0.3
     sprec = next(line for line in text.splitlines() if line.startswith("| SPRec (s)"))
@@ -123,7 +123,7 @@ def test_differences_to_bigrec_carry_paired_intervals_and_mostpop_verdicts(tmp_p
     assert "SPRec does not beat MostPop" in text and "BIGRec does not beat MostPop" in text
     to_mostpop = report([tmp_path / "b", tmp_path / "m"], tmp_path / "out2", baseline="mostpop").read_text()
     bigrec = next(line for line in to_mostpop.splitlines() if line.startswith("| BIGRec (b)"))
-    assert "Differences to MostPop" in to_mostpop and bigrec.split(" | ")[1].startswith("-0.2000")
+    assert "Differences to MostPop" in to_mostpop and bigrec.split(" | ")[2].startswith("-0.2000")
 
 
 def test_differences_reach_bigrec_inside_a_sprec_run(tmp_path):
@@ -141,7 +141,46 @@ def test_differences_reach_bigrec_inside_a_sprec_run(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = report([run], tmp_path / "out").read_text()
     assert "| BIGRec | " in text and "| SPRec | " in text
-    assert next(line for line in text.splitlines() if line.startswith("| SPRec (sprec)")).split(" | ")[1].startswith("+0.1000")
+    assert next(line for line in text.splitlines() if line.startswith("| SPRec (sprec)")).split(" | ")[2].startswith("+0.1000")
+
+
+def test_each_seed_is_paired_with_its_own_pi0(tmp_path):
+    """The reproduction's shape: π_0 runs per seed, SPRec runs started from them
+    (loop.init_from, their iteration 0 copied); SPRec seed s is measured against BIGRec seed
+    s, not against whichever BIGRec comes first, and an ablation against the π_0 it started from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(run, rows_ranks, reused_from=None):
+        rows = []
+        for it, (method, ranks) in enumerate(rows_ranks):
+            if ranks is None:       # iteration 0 copied from another run: no predictions here
+                rows.append({"method": method, "iteration": it, "split": "test",
+                             "reused_from": str(reused_from), **{c: 0.1 for c in TABLE_COLUMNS}})
+                continue
+            result = run / f"it{it}" / "eval" / "test" / "result"
+            result.mkdir(parents=True)
+            pq.write_table(pa.table({"sample_id": [f"s{i}" for i in range(100)],
+                                     "target_rank": pa.array(ranks, pa.int64())}),
+                           result / "predictions.parquet")
+            rows.append({"method": method, "iteration": it, "split": "test",
+                         **{c: 0.1 for c in TABLE_COLUMNS}})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    hits = lambda n: [0] * n + [1000] * (100 - n)   # noqa: E731 (n hits in the top 5 of 100)
+    write(tmp_path / "bigrec-s0", [("bigrec", hits(0))])
+    write(tmp_path / "bigrec-s1", [("bigrec", hits(20))])
+    write(tmp_path / "sprec-s0", [("bigrec", None), ("sprec", hits(10))], tmp_path / "bigrec-s0")
+    write(tmp_path / "sprec-s1", [("bigrec", None), ("sprec", hits(30))], tmp_path / "bigrec-s1")
+    text = report([tmp_path / d for d in ("bigrec-s0", "bigrec-s1", "sprec-s0", "sprec-s1")],
+                  tmp_path / "out").read_text()
+    cells = {line.split(" | ")[0]: line.split(" | ")[1:3] for line in text.splitlines()
+             if line.startswith("| BIGRec (") or line.startswith("| SPRec (")}
+    assert cells["| SPRec (sprec-s0)"][0] == "bigrec-s0" and cells["| SPRec (sprec-s0)"][1].startswith("+0.1000")
+    assert cells["| SPRec (sprec-s1)"][0] == "bigrec-s1" and cells["| SPRec (sprec-s1)"][1].startswith("+0.1000")
+    assert cells["| BIGRec (bigrec-s1)"] == ["bigrec-s0", cells["| BIGRec (bigrec-s1)"][1]]
+    assert cells["| BIGRec (bigrec-s1)"][1].startswith("+0.2000")
+    assert "| BIGRec (n=2) |" in text and "| SPRec (n=2) |" in text
 
 
 def test_a_reranked_model_is_its_own_row(tmp_path):
@@ -161,7 +200,7 @@ def test_a_reranked_model_is_its_own_row(tmp_path):
     text = report([reranked, plain], tmp_path / "out").read_text()
     assert "| BIGRec | 0.1000" in text and "| BIGRec + IFairLRS re-ranking | 0.1000" in text
     # against BIGRec: target ranks 1, 50 -> 3, 2, so HR@5 0.5 -> 1.0
-    assert "| BIGRec + IFairLRS re-ranking (bigrec-rerank) | +0.5000" in text
+    assert "| BIGRec + IFairLRS re-ranking (bigrec-rerank) | bigrec | +0.5000" in text
 
 
 def test_a_run_whose_every_step_was_reverted_reports_the_policy_it_kept(tmp_path):

@@ -93,7 +93,7 @@ def test_the_shipped_sweeps_are_valid():
     assert base.data.history_len == 5 and "valid" in base.evaluate.splits   # configs/ml100k.yaml
     for path in sorted((ROOT / "tune").glob("sweep-*.yaml")):     # every key and value checked
         load_sweep(path)
-    sweep, base = load_sweep(ROOT / "tune" / "sweep-repro.yaml")     # scripts/reproduce.sh
+    sweep, base = load_sweep(ROOT / "tune" / "sweep-repro.yaml")     # the earlier reproduction
     assert sweep.search == "grid" and base.data.n_train == 512
 
 

@@ -123,35 +123,49 @@ def _ranks_by_sample(path: Path) -> dict[str, int]:
     return dict(zip(table.column("sample_id").to_pylist(), table.column("target_rank").to_pylist()))
 
 
-def differences_table(finals: list[tuple[Path, dict]], baseline: str,
+def differences_table(finals: list[tuple[Path, dict]], baseline: str, starts: dict[Path, Path],
                       metrics=DIFFERENCES) -> str | None:
     """Each run's last evaluation minus the baseline method's on the same samples, with the paired
-    bootstrap 95% interval; None when no baseline run has predictions. A row whose samples
-    differ from the baseline's (another split subset) says so instead of being paired."""
-    base = next(((d, r) for d, r in finals if row_name(r, d.name) == baseline
-                 and predictions_of(d, r).exists()), None)
-    if base is None:
+    bootstrap 95% interval; None when no baseline run has predictions. A run is paired with the
+    baseline of its own π_0 (its own iteration 0, or that of the run it started from,
+    `starts`: loop.init_from), so that seed s is measured against seed s's BIGRec; a run with
+    neither, against the first baseline run. A row whose samples differ from its baseline's
+    (another split subset) says so instead of being paired."""
+    found = [(d, r) for d, r in finals
+             if row_name(r, d.name) == baseline and predictions_of(d, r).exists()]
+    if not found:
         return None
-    base_ranks = _ranks_by_sample(predictions_of(*base))
-    ids = sorted(base_ranks)
-    a = [base_ranks[i] for i in ids]
-    header = "| model (run) | " + " | ".join(f"Δ{m} [95% CI]" for m in metrics) + " |"
-    lines = [header, "|---|" + "---|" * len(metrics)]
+    first, bases = found[0], {d.resolve(): (d, r) for d, r in found}
+    ranks_of = {key: _ranks_by_sample(predictions_of(*b)) for key, b in bases.items()}
+    header = "| model (run) | against | " + " | ".join(f"Δ{m} [95% CI]" for m in metrics) + " |"
+    lines = [header, "|---|---|" + "---|" * len(metrics)]
     for run_dir, row in finals:
-        if (run_dir, row) == base or not predictions_of(run_dir, row).exists():
+        if (run_dir, row) == first or not predictions_of(run_dir, row).exists():
             continue
+        own = run_dir.resolve()
+        key = next((k for k in (own, starts.get(own)) if k in bases and bases[k] != (run_dir, row)),
+                   first[0].resolve())
+        base_ranks = ranks_of[key]
         ranks = _ranks_by_sample(predictions_of(run_dir, row))
         label = f"{_label(row_name(row, Path(run_dir).name))} ({Path(run_dir).name})"
+        against = bases[key][0].name
         if set(ranks) != set(base_ranks):
-            lines.append(f"| {label} | " + " | ".join("other samples" for _ in metrics) + " |")
+            lines.append(f"| {label} | {against} | " + " | ".join("other samples" for _ in metrics) + " |")
             continue
-        b = [ranks[i] for i in ids]
+        ids = sorted(base_ranks)
+        a, b = [base_ranks[i] for i in ids], [ranks[i] for i in ids]
         cells = []
         for metric in metrics:
             diff, low, high = paired_bootstrap(a, b, metric)
             cells.append(f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {against} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def start_runs(run_dirs: list[Path], runs: list[list[dict]]) -> dict[Path, Path]:
+    """{run directory: the run its π_0 was copied from (loop.init_from)}, resolved paths."""
+    return {Path(d).resolve(): Path(r["reused_from"]).resolve()
+            for d, rows in zip(run_dirs, runs) for r in rows if "reused_from" in r}
 
 
 def mostpop_verdicts(per_method: dict[str, list[dict]], ks=(5, 20)) -> list[str]:
@@ -314,7 +328,7 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
         return [f"## Comparison ({split} split)", "",
                 "No model of its own: every row on this split is another run's "
                 "(loop.init_from) or was reverted.", ""]
-    differences = differences_table(finals, baseline)
+    differences = differences_table(finals, baseline, start_runs(run_dirs, runs))
     verdicts = mostpop_verdicts(per_method)
     return [
         f"## Comparison ({split} split, last iteration of each run)", "",
@@ -324,7 +338,9 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
         *([f"- {line}" for line in unlike + verdicts] + [""] if unlike + verdicts else []),
         *([f"### Differences to {_label(baseline)} ({split}; same samples, paired bootstrap, "
            "2,000 resamples)",
-           "", differences, "", "An interval that holds 0 is no evidence of a difference.", ""]
+           "", differences, "", "Each run against the π_0 it trained or started from (the "
+           "`against` run), so a seed is paired with its own seed's BIGRec; an interval that "
+           "holds 0 is no evidence of a difference.", ""]
           if differences else []),
     ]
 
