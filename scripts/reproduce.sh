@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reproduction of docs/results.md at the main job's sizes (configs/ml100k.yaml: the π_0
 # curve of docs/results.md found no larger size reachable on 2 cores that learns more):
-#   0. the reference rows that need no LLM: MostPop, Random, SASRec (two minutes);
+#   0. the reference rows that need no LLM: MostPop, Random, SASRec (80 s here);
 #   1. π_0 (= BIGRec) for each seed of SEEDS (default "0 1 2"): `loop.method=bigrec train.seed=S`;
 #   2. SPRec (T = the config's loop.iterations, 2 here) from each seed's π_0
 #      (`loop.init_from`, `train.seed=S loop.seed=S`);
@@ -16,7 +16,7 @@
 # configs/ml100k.yaml the main job's, whose valid sweep is tune/sweep-main.yaml (run it from
 # RUNS_DIR/bigrec-s0 to choose them again). The paper's sizes on a GPU cluster:
 #   CONFIG=configs/paper-movielens.yaml bash scripts/reproduce.sh runs/paper
-# Each run is a resumable piece (5-13 min here): an interrupted reproduction continues
+# Each run is a resumable piece (an LLM run 8-17 min here): an interrupted reproduction continues
 # where it stopped, finished runs skipped, a started one resumed. RECRAY_NO_SETUP=1 skips
 # scripts/setup.sh (a venv set up and activated elsewhere).
 set -euo pipefail

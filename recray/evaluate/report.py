@@ -143,8 +143,12 @@ def differences_table(finals: list[tuple[Path, dict]], baseline: str, starts: di
         if (run_dir, row) == first or not predictions_of(run_dir, row).exists():
             continue
         own = run_dir.resolve()
-        key = next((k for k in (own, starts.get(own)) if k in bases and bases[k] != (run_dir, row)),
-                   first[0].resolve())
+        if own in bases and bases[own] != (run_dir, row):      # π_0 is this run's iteration 0
+            key = own
+        elif starts.get(own) in bases:                          # π_0 copied from that run
+            key = starts[own]
+        else:
+            key = first[0].resolve()
         base_ranks = ranks_of[key]
         ranks = _ranks_by_sample(predictions_of(run_dir, row))
         label = f"{_label(row_name(row, Path(run_dir).name))} ({Path(run_dir).name})"
