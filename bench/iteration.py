@@ -1,25 +1,32 @@
 """One SPRec iteration at the main job's sizes (configs/ml100k.yaml: 64 samples, negatives,
 in-loop SFT, DPO, valid and test evaluation), the old training paths against today's, side
-by side in one run, from the same π_0:
+by side in one run:
 
-    before   train.dpo_shared_prompt=false (a DPO row per answer, the prompt computed 1 + N
-             times) and train.merge_adapter=true (a merged model/ written after every LoRA
-             step), greedy evaluation
-    after    the defaults: the prompt computed once per DPO row, no merged copy, greedy
-    beam-4   `before` with its evaluations decoded by 4-beam search (the evaluation of the
-             issue's time): the greedy switch as its own row; its negatives/SFT/DPO times
-             are `before`'s, its two evaluations are re-run on `before`'s π_1
+    before       fp32 (train.precision, generate.dtype), train.dpo_shared_prompt=false (a
+                 DPO row per answer, the prompt computed 1 + N times) and
+                 train.merge_adapter=true (a merged model/ written after every LoRA step),
+                 greedy evaluation
+    after, fp32  fp32, the prompt computed once per DPO row, no merged copy, greedy
+    after        the defaults: as `after, fp32` with precision `auto`, which is bf16 on a CPU
+                 with bf16 in hardware (AVX512-BF16 or AMX) and fp32 on other CPUs
+    beam-4       `before` with its evaluations decoded by 4-beam search (the evaluation of the
+                 issue's time): the greedy switch as its own row; its negatives/SFT/DPO times
+                 are `before`'s, its two evaluations are re-run on `before`'s π_1
 
-    python bench/iteration.py                      # trains π_0 first (~7 min here), ~30 min in all
-    python bench/iteration.py --from runs/x/sprec  # a finished run of configs/ml100k.yaml
+    python bench/iteration.py                     # ~40 min here; --no-beam: ~33 min
+    python bench/iteration.py --work runs/bench   # a second call reuses the finished π_0s
 
-Each case is a real `recray run ... loop.init_from=π_0 loop.iterations=1` in a child
-process; stage times come from its manifest, training time and tokens from each step's
-log (train_runtime, num_tokens). Model FLOP/s of each training stage as a fraction of the
-machine's fp32 matmul peak (bench/train.py's count: LoRA SFT 2F per token, LoRA DPO 3F per
-token processed, F the forward FLOPs). The metrics of the two greedy cases are printed to
-show they agree within noise (64 valid and 200 test samples: one hit moves HR@5 by 0.016
-and 0.005); they are not the same numbers, since the DPO layout changes float rounding.
+π_0 (BIGRec, the main job's initial SFT) is trained once per precision: a run starts only
+from a π_0 trained as it trains (loop.init_from refuses another precision), so `before` and
+`after, fp32` share the fp32 π_0 and `after` has its own; the π_0 table shows what that
+initial step costs each way. Each case is a real `recray run ... loop.init_from=π_0
+loop.iterations=1` in a child process; stage times come from its manifest, training time
+and tokens from each step's log (train_runtime, num_tokens). Model FLOP/s of each training
+stage as a fraction of the machine's matmul peak in the precision it trained in
+(bench/train.py's count: LoRA SFT 2F per token, LoRA DPO 3F per token processed, F the
+forward FLOPs). The metrics are printed to show whether they agree within noise (64 valid
+and 200 test samples: one hit moves HR@5 by 0.016 and 0.005); they are not the same
+numbers, since the DPO layout and the precision change float rounding.
 """
 
 from __future__ import annotations
@@ -33,15 +40,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 from train import _rate, matmul_peak, model_flops_per_token  # noqa: E402  (bench/train.py)
 
+from recray.config import load_config  # noqa: E402
+from recray.train.deepspeed import precision  # noqa: E402
+
 CONFIG = "configs/ml100k.yaml"
-CASES = {
-    "before": ["train.dpo_shared_prompt=false", "train.merge_adapter=true"],
-    "after": [],
+FP32 = ["train.precision=fp32", "generate.dtype=float32"]
+PI0 = {"fp32": FP32, "auto": []}                 # π_0 runs: name -> precision overrides
+CASES = {                                        # case -> (its π_0, its overrides)
+    "before": ("fp32", [*FP32, "train.dpo_shared_prompt=false", "train.merge_adapter=true"]),
+    "after, fp32": ("fp32", FP32),
+    "after": ("auto", []),
 }
-BEAM = ["evaluate.decoding.mode=beam", "evaluate.decoding.num_beams=4"]
+BEAM = ["evaluate.decoding.mode=beam", "evaluate.decoding.num_beams=4", *FP32]
 STAGES = ("negatives", "sft", "policy", "eval/valid", "eval/test")
 
 
@@ -55,11 +70,12 @@ def recray(*args: str, log: Path) -> None:
 
 
 def train_stats(step: Path) -> dict:
-    """Training seconds (first step to last) and tokens processed of one SFT/DPO stage."""
+    """Training seconds (first step to last), tokens processed and precision of one stage."""
     history = [json.loads(line) for line in (step / "train_log.jsonl").read_text().splitlines()]
     tokens, seconds, _ = _rate(history)
-    return {"train_s": seconds, "tokens": tokens,
-            "samples": json.loads((step / "summary.json").read_text())["data"]["samples"]}
+    summary = json.loads((step / "summary.json").read_text())
+    return {"train_s": seconds, "tokens": tokens, "samples": summary["data"]["samples"],
+            "precision": summary["precision"]}
 
 
 def flops(kind: str, stats: dict) -> float:
@@ -75,37 +91,53 @@ def metrics(path: Path) -> dict:
     return {k: m.get(k) for k in ("HR@5", "DivRatio@1", "ORRatio@1")}
 
 
+def measure_peaks(peaks: dict) -> None:
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[name].append(matmul_peak(dtype=dtype))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", type=Path,
-                        help=f"a finished run of {CONFIG} whose π_0 to start from")
     parser.add_argument("--work", type=Path, help="where the runs go (default: a temp folder)")
     parser.add_argument("--no-beam", action="store_true", help="leave out the beam-4 row")
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     work = args.work or Path(tempfile.mkdtemp(prefix="recray-bench-iteration-"))
     work.mkdir(parents=True, exist_ok=True)
-    peaks, load = [matmul_peak()], [os.getloadavg()[0]]
-    source = args.source
-    if source is None:
-        print("π_0 (BIGRec) at the main job's sizes", flush=True)
-        recray("run", "-c", CONFIG, "--runs", str(work), "--name", "pi0", "loop.method=bigrec",
-               log=work / "pi0.log")
-        source = work / "pi0"
+    peaks, load = {"fp32": [], "bf16": []}, [os.getloadavg()[0]]
+    measure_peaks(peaks)
+    auto = precision(load_config(CONFIG).train)
+    print(f"precision auto is {auto} on this machine", flush=True)
+
+    pi0 = {}
+    for name, overrides in PI0.items():
+        source = work / f"pi0-{name}"
+        if not (source / "it0" / "policy" / ".stage.json").exists():
+            print(f"π_0 (BIGRec) at the main job's sizes, precision {name}", flush=True)
+            recray("run", "-c", CONFIG, "--runs", str(work), "--name", source.name,
+                   "loop.method=bigrec", *overrides, log=work / f"{source.name}.log")
+        stages = json.loads((source / "manifest.json").read_text())["stages"]
+        pi0[name] = {"source": source, "sft": stages["it0/policy"]["seconds"],
+                     "train": train_stats(source / "it0/policy"),
+                     "eval": sum(stages[f"it0/eval/{s}"]["seconds"] for s in ("valid", "test")),
+                     "valid": metrics(source / "it0/eval/valid"),
+                     "test": metrics(source / "it0/eval/test")}
+        measure_peaks(peaks)
 
     rows = {}
-    for name, overrides in CASES.items():
+    for name, (start, overrides) in CASES.items():
         print(f"case {name}", flush=True)
-        recray("run", "-c", CONFIG, "--runs", str(work), "--name", name,
-               f"loop.init_from={source.resolve()}", "loop.iterations=1", *overrides,
-               log=work / f"{name}.log")
-        run = work / name
+        folder = name.replace(", ", "-")
+        recray("run", "-c", CONFIG, "--runs", str(work), "--name", folder,
+               f"loop.init_from={pi0[start]['source'].resolve()}", "loop.iterations=1",
+               *overrides, log=work / f"{folder}.log")
+        run = work / folder
         stages = json.loads((run / "manifest.json").read_text())["stages"]
         rows[name] = {"s": {s: stages[f"it1/{s}"]["seconds"] for s in STAGES},
                       "sft": train_stats(run / "it1/sft"), "dpo": train_stats(run / "it1/policy"),
                       "valid": metrics(run / "it1/eval/valid"), "test": metrics(run / "it1/eval/test")}
-        peaks.append(matmul_peak())
+        measure_peaks(peaks)
         load.append(os.getloadavg()[0])
     if not args.no_beam:
         print("case beam-4 (the evaluations of `before`'s π_1, 4-beam search)", flush=True)
@@ -121,27 +153,41 @@ def main() -> None:
             beam[split] = metrics(out)
         rows["beam-4"] = beam
         load.append(os.getloadavg()[0])
-    peaks.append(matmul_peak())
-    peak = max(peaks)
+    measure_peaks(peaks)
+    peak = {name: max(values) for name, values in peaks.items()}
 
     print(f"\nOne SPRec iteration, {CONFIG} sizes (64 samples, N = 1, 64 valid + 200 test "
-          f"prompts), SmolLM2-135M + LoRA, 2 CPU workers; fp32 matmul peak {peak / 1e9:.0f} "
-          f"GFLOP/s (best of {', '.join(f'{p / 1e9:.0f}' for p in peaks)}); 1-min load "
-          f"{min(load):.1f}-{max(load):.1f}; runs in {work}")
+          f"prompts), SmolLM2-135M + LoRA, 2 CPU workers; matmul peak fp32 {peak['fp32'] / 1e9:.0f}"
+          f" GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} (best of {len(peaks['fp32'])} each); 1-min "
+          f"load {min(load):.1f}-{max(load):.1f}; runs in {work}")
     ref = sum(rows["before"]["s"].values())
-    head = ("| case | negatives s | SFT s (train) | DPO s (train) | DPO tokens | valid eval s | "
-            "test eval s | iteration s | before / case | SFT peak | DPO peak | valid HR@5 | "
-            "test HR@5 | test DivRatio@1 | test ORRatio@1 |")
+    head = ("| case | precision | negatives s | SFT s (train) | DPO s (train) | DPO tokens | "
+            "valid eval s | test eval s | iteration s | before / case | SFT peak | DPO peak | "
+            "valid HR@5 | test HR@5 | test DivRatio@1 | test ORRatio@1 |")
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
     for name, r in rows.items():
-        s, total = r["s"], sum(r["s"].values())
-        print(f"| {name} | {s['negatives']:.0f} | {s['sft']:.0f} ({r['sft']['train_s']:.0f}) | "
+        s, total, p = r["s"], sum(r["s"].values()), r["sft"]["precision"]
+        print(f"| {name} | {p} | {s['negatives']:.0f} | {s['sft']:.0f} ({r['sft']['train_s']:.0f}) | "
               f"{s['policy']:.0f} ({r['dpo']['train_s']:.0f}) | {r['dpo']['tokens']:,.0f} | "
               f"{s['eval/valid']:.0f} | {s['eval/test']:.0f} | {total:.0f} | {ref / total:.2f} | "
-              f"{100 * flops('sft', r['sft']) / peak:.0f}% | {100 * flops('dpo', r['dpo']) / peak:.0f}% | "
-              f"{r['valid']['HR@5']:.4f} | {r['test']['HR@5']:.4f} | {r['test']['DivRatio@1']:.4f} | "
+              f"{100 * flops('sft', r['sft']) / peak[p]:.0f}% | "
+              f"{100 * flops('dpo', r['dpo']) / peak[p]:.0f}% | {r['valid']['HR@5']:.4f} | "
+              f"{r['test']['HR@5']:.4f} | {r['test']['DivRatio@1']:.4f} | "
               f"{r['test']['ORRatio@1']:.4f} |")
-    (work / "iteration.json").write_text(json.dumps({"peak": peak, "rows": rows}, indent=1))
+    print("\nπ_0 (BIGRec: initial SFT of 128 samples x 2 epochs, then valid + test evaluation)")
+    head = ("| π_0 | precision | SFT s (train) | evaluations s | fp32 / this | SFT peak | "
+            "valid HR@5 | test HR@5 | test DivRatio@1 | test ORRatio@1 |")
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    ref = pi0["fp32"]["sft"] + pi0["fp32"]["eval"]
+    for name, r in pi0.items():
+        p = r["train"]["precision"]
+        print(f"| {name} | {p} | {r['sft']:.0f} ({r['train']['train_s']:.0f}) | {r['eval']:.0f} | "
+              f"{ref / (r['sft'] + r['eval']):.2f} | {100 * flops('sft', r['train']) / peak[p]:.0f}% | "
+              f"{r['valid']['HR@5']:.4f} | {r['test']['HR@5']:.4f} | "
+              f"{r['test']['DivRatio@1']:.4f} | {r['test']['ORRatio@1']:.4f} |")
+    (work / "iteration.json").write_text(json.dumps(
+        {"peak": peak, "rows": rows, "pi0": {k: {**v, "source": str(v["source"])}
+                                             for k, v in pi0.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from recray.assets import model_dir  # noqa: E402
 from recray.data.prompts import build_completion  # noqa: E402
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
-    """fp32 FLOP/s of a square matmul loop on all torch threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(seconds: float = 3.0, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul loop on all torch threads (fp32 unless `dtype`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     done, start = 0, time.perf_counter()

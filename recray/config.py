@@ -126,7 +126,7 @@ class TrainConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU and on CPUs with bf16 in hardware
     # Paper defaults: initial SFT 3e-4 x 4 epochs; in-loop SFT and DPO 2e-5 x 1 epoch.
     sft: InitialSftConfig = Field(default_factory=InitialSftConfig)
     sft_loop: StepConfig = Field(default_factory=StepConfig)
@@ -198,7 +198,7 @@ class GenerateConfig(Strict):
     threads_per_actor: int | None = Field(None, ge=1) # CPU compute threads; None: cores // actors
     batch_size: int = Field(64, ge=1)       # prompts per Ray Data batch (one engine call)
     max_model_len: int = Field(1024, ge=16) # prompt + answer tokens; longer prompts are shortened
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: as train.precision
     hf_max_sequences: int = Field(64, ge=1) # hf: sequences (prompts x beams) per generate call
     max_lora_rank: int = Field(16, ge=1)    # vllm: largest adapter rank it accepts
     vllm_kvcache_gb: int = Field(2, ge=1)   # vllm CPU: VLLM_CPU_KVCACHE_SPACE

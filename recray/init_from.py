@@ -49,6 +49,7 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
         differences.append(f"π_0: {initial_policy(theirs)!r} -> {initial_policy(ours)!r}")
     elif initial_policy(ours) == "gdrt":
         differences += config_diff(theirs["train"]["gdrt"], ours["train"]["gdrt"], "train.gdrt.")
+    differences += _precision_difference(source, cfg)
     if differences:
         raise ConfigError(f"loop.init_from: {source} trained π_0 with another config:\n  "
                           + "\n  ".join(differences))
@@ -58,6 +59,9 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
     if their_backend != engine["backend"]:
         evaluated_otherwise.append(f"generation backend: {their_backend!r} -> "
                                    f"{engine['backend']!r}")
+    their_dtype = manifest.get("generation_engine", {}).get("dtype")
+    if their_dtype != engine.get("dtype"):      # auto resolves by machine (or an older run)
+        evaluated_otherwise.append(f"generation dtype: {their_dtype!r} -> {engine.get('dtype')!r}")
     stages = ["it0/policy"]
     if evaluated_otherwise:
         log.warning("loop.init_from: %s evaluated π_0 another way (%s): this run evaluates it "
@@ -77,6 +81,15 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
                 (out / "row.json").write_text(json.dumps({**row, "reused_from": str(source)}))
                 # this run's MLflow and TensorBoard show π_0 at step 0, as if it were trained here
                 track(cfg, run.root, row_metrics(row), 0, row["split"])
+
+
+def _precision_difference(source: Path, cfg: Config) -> list[str]:
+    """train.precision as π_0 really trained (auto resolves by machine), against ours."""
+    from recray.train.deepspeed import precision
+    summary = source / "it0" / "policy" / "summary.json"
+    theirs = json.loads(summary.read_text()).get("precision") if summary.exists() else None
+    ours = precision(cfg.train)
+    return [] if theirs == ours else [f"precision as trained: {theirs!r} -> {ours!r}"]
 
 
 def _differences(theirs: dict, ours: dict, keys: tuple[str, ...]) -> list[str]:

@@ -47,6 +47,14 @@ def init_ray(cfg: RayConfig) -> None:
     route_ray_output()          # ray.init adds its own printer of worker lines: replace it
 
 
+def native_bf16() -> bool:
+    """Whether this machine's CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There
+    bf16 matmuls run at about twice fp32's rate (measured: docs/training.md), so `auto`
+    precision picks bf16; elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -44,7 +44,9 @@ def runs(ml100k_prepared, adapter, tmp_path_factory):
     base = str(model_dir())
     out = {}
     for backend in ("hf", "vllm"):
-        cfg = GenerateConfig(backend=backend, cpus_per_actor=0.5, threads_per_actor=2)
+        # fp32: the backends agree there (bf16 kernels round differently)
+        cfg = GenerateConfig(backend=backend, cpus_per_actor=0.5, threads_per_actor=2,
+                             dtype="float32")
         with GenerationPool(cfg, base) as pool:
             result = make_negatives(pool, samples, Policy(base, adapter), data / "catalog.parquet",
                                     cfg, tmp_path_factory.mktemp(backend), seed=0)

