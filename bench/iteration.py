@@ -13,7 +13,7 @@ by side in one run:
                  issue's time): the greedy switch as its own row; its negatives/SFT/DPO times
                  are `before`'s, its two evaluations are re-run on `before`'s π_1
 
-    python bench/iteration.py                     # ~40 min here; --no-beam: ~33 min
+    python bench/iteration.py --no-beam           # ~41 min here: 2 π_0 runs, 3 cases
     python bench/iteration.py --work runs/bench   # a second call reuses the finished π_0s
 
 π_0 (BIGRec, the main job's initial SFT) is trained once per precision: a run starts only
