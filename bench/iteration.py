@@ -3,18 +3,20 @@ in-loop SFT, DPO, valid and test evaluation), the old training paths against tod
 by side in one run:
 
     before       fp32 (train.precision, generate.dtype), train.dpo_shared_prompt=false (a
-                 DPO row per answer, the prompt computed 1 + N times) and
-                 train.merge_adapter=true (a merged model/ written after every LoRA step),
-                 greedy evaluation
-    after, fp32  fp32, the prompt computed once per DPO row, no merged copy, greedy
+                 DPO row per answer, the prompt computed 1 + N times),
+                 train.merge_adapter=true (a merged model/ written after every LoRA step)
+                 and train.compact_lm_head=false (TRL's CPU LM head: every position
+                 projected through the vocabulary, prompts included), greedy evaluation
+    after, fp32  fp32, the prompt computed once per DPO row, no merged copy, the LM head on
+                 the answer positions only, greedy
     after        the defaults: as `after, fp32` with precision `auto`, which is bf16 on a CPU
                  with bf16 in hardware (AVX512-BF16 or AMX) and fp32 on other CPUs
     beam-4       `before` with its evaluations decoded by 4-beam search (the evaluation of the
                  issue's time): the greedy switch as its own row; its negatives/SFT/DPO times
                  are `before`'s, its two evaluations are re-run on `before`'s π_1
 
-    python bench/iteration.py --no-beam           # ~41 min here: 2 π_0 runs, 3 cases
-    python bench/iteration.py --work runs/bench   # a second call reuses the finished π_0s
+    python bench/iteration.py --no-beam           # ~27 min here: 2 π_0 runs, 3 cases
+    python bench/iteration.py --work runs/bench   # a second call reuses the finished runs
 
 π_0 (BIGRec, the main job's initial SFT) is trained once per precision: a run starts only
 from a π_0 trained as it trains (loop.init_from refuses another precision), so `before` and
@@ -24,7 +26,8 @@ loop.iterations=1` in a child process; stage times come from its manifest, train
 and tokens from each step's log (train_runtime, num_tokens). Model FLOP/s of each training
 stage as a fraction of the machine's matmul peak in the precision it trained in
 (bench/train.py's count: LoRA SFT 2F per token, LoRA DPO 3F per token processed, F the
-forward FLOPs). The metrics are printed to show whether they agree within noise (64 valid
+forward FLOPs), counting the LM head at the answer positions only: the work the loss
+needs, so `before`'s projection of every prompt position is waste, not throughput. The metrics are printed to show whether they agree within noise (64 valid
 and 200 test samples: one hit moves HR@5 by 0.016 and 0.005); they are not the same
 numbers, since the DPO layout and the precision change float rounding.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,10 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train import _rate, matmul_peak, model_flops_per_token  # noqa: E402  (bench/train.py)
+
+from recray.assets import model_dir  # noqa: E402
 
 from recray.config import load_config  # noqa: E402
 from recray.train.deepspeed import precision  # noqa: E402
@@ -52,12 +59,14 @@ CONFIG = "configs/ml100k.yaml"
 FP32 = ["train.precision=fp32", "generate.dtype=float32"]
 PI0 = {"fp32": FP32, "auto": []}                 # π_0 runs: name -> precision overrides
 CASES = {                                        # case -> (its π_0, its overrides)
-    "before": ("fp32", [*FP32, "train.dpo_shared_prompt=false", "train.merge_adapter=true"]),
+    "before": ("fp32", [*FP32, "train.dpo_shared_prompt=false", "train.merge_adapter=true",
+                        "train.compact_lm_head=false"]),
     "after, fp32": ("fp32", FP32),
     "after": ("auto", []),
 }
 BEAM = ["evaluate.decoding.mode=beam", "evaluate.decoding.num_beams=4", *FP32]
 STAGES = ("negatives", "sft", "policy", "eval/valid", "eval/test")
+SFT, DPO = ("completion",), ("chosen", "rejected")     # each stage's answer columns
 
 
 def recray(*args: str, log: Path) -> None:
@@ -69,19 +78,43 @@ def recray(*args: str, log: Path) -> None:
     print(f"  {' '.join(args[:6])} ... {time.time() - start:.0f} s", flush=True)
 
 
-def train_stats(step: Path) -> dict:
-    """Training seconds (first step to last), tokens processed and precision of one stage."""
+def answer_tokens(rows: pd.DataFrame, columns: tuple[str, ...]) -> int:
+    """Labelled positions in one pass over a stage's rows: each answer's tokens and EOS,
+    tokenised after its prompt as TRL does. The loss needs the LM head there only."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    total = 0
+    for _, row in rows.iterrows():
+        prompt = len(tok(row["prompt"])["input_ids"])
+        for col in columns:
+            for answer in [row[col]] if isinstance(row[col], str) else list(row[col]):
+                total += len(tok(row["prompt"] + answer)["input_ids"]) - prompt + 1
+    return total
+
+
+def train_stats(step: Path, rows: pd.DataFrame, columns: tuple[str, ...]) -> dict:
+    """Training seconds (first step to last), tokens processed, answer tokens (all epochs)
+    and precision of one stage that trained on `rows`."""
     history = [json.loads(line) for line in (step / "train_log.jsonl").read_text().splitlines()]
     tokens, seconds, _ = _rate(history)
     summary = json.loads((step / "summary.json").read_text())
-    return {"train_s": seconds, "tokens": tokens, "samples": summary["data"]["samples"],
+    epochs = math.ceil(max(entry.get("epoch", 0) for entry in history))
+    return {"train_s": seconds, "tokens": tokens, "rows": summary["data"]["samples"] * epochs,
+            "answer_tokens": epochs * answer_tokens(rows, columns),
             "precision": summary["precision"]}
 
 
 def flops(kind: str, stats: dict) -> float:
-    per_row = stats["tokens"] / stats["samples"]
-    forward = sum(model_flops_per_token(per_row))
-    return (2 if kind == "sft" else 3) * forward * stats["tokens"] / stats["train_s"]
+    """Model FLOP/s the step needed: every matmul at every token, but the LM head only at the
+    answer positions (what the loss reads; TRL's CPU head also projects the prompts, work
+    that `train.compact_lm_head` skips and that is not counted as useful here)."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir())
+    head = 2.0 * c.vocab_size * c.hidden_size
+    per_row = stats["tokens"] / stats["rows"]
+    forward = sum(model_flops_per_token(per_row)) * stats["tokens"] - head * (
+        stats["tokens"] - stats["answer_tokens"])
+    return (2 if kind == "sft" else 3) * forward / stats["train_s"]
 
 
 def metrics(path: Path) -> dict:
@@ -119,7 +152,8 @@ def main() -> None:
                    "loop.method=bigrec", *overrides, log=work / f"{source.name}.log")
         stages = json.loads((source / "manifest.json").read_text())["stages"]
         pi0[name] = {"source": source, "sft": stages["it0/policy"]["seconds"],
-                     "train": train_stats(source / "it0/policy"),
+                     "train": train_stats(source / "it0/policy",
+                                          pd.read_parquet(source / "prepared/train"), SFT),
                      "eval": sum(stages[f"it0/eval/{s}"]["seconds"] for s in ("valid", "test")),
                      "valid": metrics(source / "it0/eval/valid"),
                      "test": metrics(source / "it0/eval/test")}
@@ -127,15 +161,21 @@ def main() -> None:
 
     rows = {}
     for name, (start, overrides) in CASES.items():
-        print(f"case {name}", flush=True)
         folder = name.replace(", ", "-")
-        recray("run", "-c", CONFIG, "--runs", str(work), "--name", folder,
-               f"loop.init_from={pi0[start]['source'].resolve()}", "loop.iterations=1",
-               *overrides, log=work / f"{folder}.log")
         run = work / folder
+        if (run / "it1" / "eval" / "test" / ".stage.json").exists():
+            print(f"case {name}: reusing the finished {run}", flush=True)
+        else:
+            print(f"case {name}", flush=True)
+            recray("run", "-c", CONFIG, "--runs", str(work), "--name", folder,
+                   f"loop.init_from={pi0[start]['source'].resolve()}", "loop.iterations=1",
+                   *overrides, log=work / f"{folder}.log")
         stages = json.loads((run / "manifest.json").read_text())["stages"]
         rows[name] = {"s": {s: stages[f"it1/{s}"]["seconds"] for s in STAGES},
-                      "sft": train_stats(run / "it1/sft"), "dpo": train_stats(run / "it1/policy"),
+                      "sft": train_stats(run / "it1/sft",
+                                         pd.read_parquet(run / "it1/samples/samples.parquet"), SFT),
+                      "dpo": train_stats(run / "it1/policy",
+                                         pd.read_parquet(run / "it1/negatives/negatives.parquet"), DPO),
                       "valid": metrics(run / "it1/eval/valid"), "test": metrics(run / "it1/eval/test")}
         measure_peaks(peaks)
         load.append(os.getloadavg()[0])

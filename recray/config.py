@@ -142,6 +142,9 @@ class TrainConfig(Strict):
     # DPO computes each prompt once for all its answers (a block attention mask; sdpa or
     # eager attention); false: one row per answer, TRL's layout (1 + N prompt passes).
     dpo_shared_prompt: bool = True
+    # TRL's fused LM head projects only the labelled (answer) positions on a CPU too, as it
+    # does on GPUs; false: TRL's CPU behaviour, every position (the same loss, ~2x the work).
+    compact_lm_head: bool = True
     reweight: bool = False                 # IFairLRS RW: per-sample SFT weights from group shares
     max_length: int = Field(512, ge=8)     # prompt + answer tokens; history is cut from the left
     per_device_batch_size: int = Field(4, ge=1)

@@ -297,6 +297,60 @@ def test_weighted_sft_loss_is_trl_loss_with_unit_weights(tiny, tmp_path):
     assert first != pytest.approx(rest, abs=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_compact_lm_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(
+        tiny, tmp_path, monkeypatch, kind):
+    import datasets
+    import pandas as pd
+    import trl.trainer.utils as trl_utils
+
+    from recray.train.worker import make_trainer
+    from test_train_support import make_negatives
+
+    model_dir, prepared = tiny
+    if kind == "sft":
+        df = pd.read_parquet(prepared / "train").head(4)
+        rows = [{"prompt": p, "completion": c} for p, c in zip(df["prompt"], df["completion"])]
+    else:
+        neg = pd.read_parquet(make_negatives(prepared / "train", tmp_path / "neg.parquet"))
+        rows = [{"prompt": p, "chosen": c, "rejected": list(r)}
+                for p, c, r in zip(neg["prompt"], neg["chosen"], neg["rejected"])][:4]
+    scored = []                                  # rows of hidden states the LM head projects
+    head = trl_utils._ChunkedLogProbFunction
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return head.apply(hidden, *args)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+
+    def step(compact: bool):
+        job = make_job(kind, model_dir, tmp_path, compact_lm_head=compact)
+        trainer = make_trainer(job, datasets.Dataset.from_list(rows), str(tmp_path / str(compact)))
+        _randomize_lora(trainer.model, seed=3)
+        trainer.model.eval()                     # no LoRA dropout: both see the same weights
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        labelled = int((batch["labels"][:, 1:] != -100).sum()) if kind == "sft" else None
+        scored.clear()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, list(scored), batch, labelled
+
+    loss_all, grads_all, rows_all, batch, _ = step(compact=False)
+    loss_few, grads_few, rows_few, _, labelled = step(compact=True)
+    assert len(rows_few) == len(rows_all)               # the same calls (DPO: policy, reference)
+    assert all(few < every / 3 for few, every in zip(rows_few, rows_all))   # prompts: no labels
+    if kind == "sft":                                   # TRL on a CPU: every shifted position
+        assert rows_all == [batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)]
+        assert rows_few == [labelled]
+    assert loss_few == pytest.approx(loss_all, rel=1e-6)
+    assert grads_few.keys() == grads_all.keys() and grads_all
+    for name, g in grads_all.items():
+        torch.testing.assert_close(grads_few[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------- max_length, DeepSpeed
 
 def test_drop_oldest_title_keeps_the_template():

@@ -116,6 +116,33 @@ def load_model(model_dir: str, dtype: str, trust_remote_code: bool):
         trust_remote_code=trust_remote_code)
 
 
+def compact_lm_head(enabled: bool) -> None:
+    """Whether TRL's fused LM head projects only the positions that carry a label on a CPU
+    too (train.compact_lm_head), for this process.
+
+    TRL (pinned 1.16) compacts to the labelled positions only where its Triton kernels run
+    (CUDA, XPU) and elsewhere scores every position, to keep tile shapes fixed for
+    compilers such as Neuron's. A CPU runs eagerly, so that is waste: a recray row is a
+    ~130-token prompt with no labels and a ~15-token answer, and ~90% of the vocabulary
+    projection (forward and backward) is thrown away. Compacting gives the same loss and
+    gradients (tests/test_train_units.py) and halves a LoRA step here (docs/training.md)."""
+    import trl.trainer.utils as trl_utils
+
+    current = getattr(trl_utils, "_use_triton", None)
+    if current is None:      # the pin moved: say so rather than silently train slower
+        raise RecrayError("trl.trainer.utils has no _use_triton: train.compact_lm_head needs "
+                          "the TRL pinned in pyproject.toml (set it false to train without)")
+    original = getattr(current, "recray_original", current)
+    if not enabled:
+        trl_utils._use_triton = original
+        return
+
+    def compact(device) -> bool:       # in trl.trainer.utils only add_fused_lm_head reads it
+        return device.type == "cpu" or original(device)
+    compact.recray_original = original
+    trl_utils._use_triton = compact
+
+
 def lora_config(cfg):
     """peft.LoraConfig from recray's train.lora section."""
     from peft import LoraConfig as PeftLoraConfig

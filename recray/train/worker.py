@@ -97,8 +97,10 @@ def load_policy(job: Job):
 def make_trainer(job: Job, dataset, output_dir: str):
     """The TRL trainer of this step, on an HF Dataset."""
     from recray.train.dpo_trainer import build_dpo_trainer
+    from recray.train.models import compact_lm_head
     from recray.train.sft_trainer import build_sft_trainer
 
+    compact_lm_head(job.train["compact_lm_head"])
     model, tokenizer, peft_config = load_policy(job)
     args = training_args(job, output_dir)
     if job.kind == "sft":
