@@ -25,9 +25,9 @@ initial step costs each way. Each case is a real `recray run ... loop.init_from=
 loop.iterations=1` in a child process; stage times come from its manifest, training time
 and tokens from each step's log (train_runtime, num_tokens). Model FLOP/s of each training
 stage as a fraction of the machine's matmul peak in the precision it trained in
-(bench/train.py's count: LoRA SFT 2F per token, LoRA DPO 3F per token processed, F the
-forward FLOPs), counting the LM head at the answer positions only: the work the loss
-needs, so `before`'s projection of every prompt position is waste, not throughput. The metrics are printed to show whether they agree within noise (64 valid
+(bench/train.py's needed_flops: LoRA SFT 2F per token, LoRA DPO 3F per token processed,
+F the forward FLOPs with the LM head at the answer positions only, the work the loss
+needs: `before`'s projection of every prompt position is waste, not throughput). The metrics are printed to show whether they agree within noise (64 valid
 and 200 test samples: one hit moves HR@5 by 0.016 and 0.005); they are not the same
 numbers, since the DPO layout and the precision change float rounding.
 """
@@ -48,9 +48,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train import _rate, matmul_peak, model_flops_per_token  # noqa: E402  (bench/train.py)
-
-from recray.assets import model_dir  # noqa: E402
+from train import _rate, answer_tokens, matmul_peak, needed_flops  # noqa: E402  (bench/train.py)
 
 from recray.config import load_config  # noqa: E402
 from recray.train.deepspeed import precision  # noqa: E402
@@ -78,20 +76,6 @@ def recray(*args: str, log: Path) -> None:
     print(f"  {' '.join(args[:6])} ... {time.time() - start:.0f} s", flush=True)
 
 
-def answer_tokens(rows: pd.DataFrame, columns: tuple[str, ...]) -> int:
-    """Labelled positions in one pass over a stage's rows: each answer's tokens and EOS,
-    tokenised after its prompt as TRL does. The loss needs the LM head there only."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir())
-    total = 0
-    for _, row in rows.iterrows():
-        prompt = len(tok(row["prompt"])["input_ids"])
-        for col in columns:
-            for answer in [row[col]] if isinstance(row[col], str) else list(row[col]):
-                total += len(tok(row["prompt"] + answer)["input_ids"]) - prompt + 1
-    return total
-
-
 def train_stats(step: Path, rows: pd.DataFrame, columns: tuple[str, ...]) -> dict:
     """Training seconds (first step to last), tokens processed, answer tokens (all epochs)
     and precision of one stage that trained on `rows`."""
@@ -105,16 +89,9 @@ def train_stats(step: Path, rows: pd.DataFrame, columns: tuple[str, ...]) -> dic
 
 
 def flops(kind: str, stats: dict) -> float:
-    """Model FLOP/s the step needed: every matmul at every token, but the LM head only at the
-    answer positions (what the loss reads; TRL's CPU head also projects the prompts, work
-    that `train.compact_lm_head` skips and that is not counted as useful here)."""
-    from transformers import AutoConfig
-    c = AutoConfig.from_pretrained(model_dir())
-    head = 2.0 * c.vocab_size * c.hidden_size
-    per_row = stats["tokens"] / stats["rows"]
-    forward = sum(model_flops_per_token(per_row)) * stats["tokens"] - head * (
-        stats["tokens"] - stats["answer_tokens"])
-    return (2 if kind == "sft" else 3) * forward / stats["train_s"]
+    """Needed model FLOP/s of one stage (bench/train.py's needed_flops)."""
+    return needed_flops(kind, stats["tokens"], stats["tokens"] / stats["rows"],
+                        stats["answer_tokens"]) / stats["train_s"]
 
 
 def metrics(path: Path) -> dict:

@@ -1,7 +1,8 @@
 """Training throughput: SFT and DPO tokens/s of SmolLM2-135M + LoRA (r=16, all projections)
 on the same MovieLens-100k samples, four ways, in one run:
 
-    (a) TRL in one plain process (SFTTrainer / DPOTrainer, all cores as torch threads)
+    (a) TRL in one plain process (SFTTrainer / DPOTrainer, all cores as torch threads),
+        with recray's LM-head compaction (train.compact_lm_head) so it does the same work
     (b) recray on Ray Train, 1 worker (all cores)
     (c) recray on Ray Train, 2 workers (cores split between them)
     (d) recray on Ray Train, 2 workers + DeepSpeed ZeRO-2
@@ -22,6 +23,8 @@ model (the tied embedding counted once, as the LM head), forward F = 2N + 4·lay
   LoRA SFT  2F per token (forward + input-gradient backward; frozen weights get no weight
             gradient; the adapter's own FLOPs, < 1 %, are left out)
   LoRA DPO  3F per row token (policy forward + backward, reference forward)
+with the LM head counted at the answer positions only (needed_flops): the loss reads
+nothing else, so a head that projects the prompts too does no needed work there.
 """
 
 from __future__ import annotations
@@ -67,6 +70,31 @@ def model_flops_per_token(seq_len: float) -> tuple[float, float]:
     return 2.0 * n, 4.0 * c.num_hidden_layers * seq_len * c.hidden_size
 
 
+def answer_tokens(rows: pd.DataFrame, columns: tuple[str, ...]) -> int:
+    """Labelled positions in one pass over a stage's rows: each answer's tokens and EOS,
+    tokenised after its prompt as TRL does. The loss needs the LM head there only."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    total = 0
+    for _, row in rows.iterrows():
+        prompt = len(tok(row["prompt"])["input_ids"])
+        for col in columns:
+            for answer in [row[col]] if isinstance(row[col], str) else list(row[col]):
+                total += len(tok(row["prompt"] + answer)["input_ids"]) - prompt + 1
+    return total
+
+
+def needed_flops(kind: str, tokens: float, seq_len: float, answers: float) -> float:
+    """Model FLOPs a LoRA training pass over `tokens` needs: 2F (SFT) or 3F (DPO) per token,
+    F every matmul of the model, but the LM head only at the `answers` labelled positions
+    (what the loss reads; a head that also projects the prompts does work nobody needs)."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir())
+    head = 2.0 * c.vocab_size * c.hidden_size
+    forward = sum(model_flops_per_token(seq_len)) * tokens - head * (tokens - answers)
+    return (2 if kind == "sft" else 3) * forward
+
+
 def data(prepared: Path | None, samples: int, work: Path) -> tuple[Path, Path]:
     """`samples` train samples of a prepared MovieLens-100k and one random negative each."""
     if prepared is None:
@@ -101,6 +129,7 @@ def plain_trl(kind: str, path: Path, cfg, work: Path) -> dict:
     from trl import DPOTrainer, SFTTrainer
 
     from recray.train import inputs
+    from recray.train.models import compact_lm_head
     from recray.train.worker import Job, load_policy, training_args
 
     reader = inputs.read_sft if kind == "sft" else inputs.read_negatives
@@ -111,6 +140,7 @@ def plain_trl(kind: str, path: Path, cfg, work: Path) -> dict:
     job = Job(kind=kind, model=str(model_dir()), adapter=None, train=cfg.train.model_dump(mode="json"),
               learning_rate=step.learning_rate, epochs=1, deepspeed=None, precision="fp32",
               run_name="bench", extensions_dir="", output=str(work))
+    compact_lm_head(cfg.train.compact_lm_head)      # the same work as recray's workers do
     model, tok, peft = load_policy(job)
     args = training_args(job, str(work / f"plain-{kind}"))
     start = time.time()
@@ -170,6 +200,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="recray-bench-train-"))
     init_ray(load_config(None, base).ray)
     sft_data, neg_data = data(args.prepared, args.samples, work)
+    answers = {"sft": answer_tokens(pd.read_parquet(sft_data), ("completion",)),
+               "dpo": answer_tokens(pd.read_parquet(neg_data), ("chosen", "rejected"))}
 
     rows = []
     for key, (label, extra) in setups.items():
@@ -183,10 +215,8 @@ def main() -> None:
                    else recray_run(kind, path, cfg, work, key))
             tokens, seconds, rate = _rate(run["history"])
             seq = tokens / (args.samples * (1 if kind == "sft" else 2))
-            forward = sum(model_flops_per_token(seq))
-            per_token = (2 if kind == "sft" else 3) * forward
             row[kind] = {"tokens/s": rate, "train_s": seconds, "wall_s": run["wall"],
-                         "flops": rate * per_token}
+                         "flops": needed_flops(kind, tokens, seq, answers[kind]) / seconds}
             print(f"{label} {kind}: {rate:.0f} tokens/s over {seconds:.0f} s "
                   f"(wall {run['wall']:.0f} s)", flush=True)
         rows.append(row)
