@@ -184,6 +184,7 @@ def main() -> None:
     cpus = os.cpu_count() or 2
     base = ["train.sft.epochs=1", "train.dpo.epochs=1", f"train.max_length={args.max_length}",
             "train.per_device_batch_size=4", "train.logging_steps=1", "train.save_steps=100000",
+            "train.precision=fp32",           # (a) trains in fp32: every row in the same precision
             f"ray.num_cpus={cpus}"]
     setups = {
         "a": ("(a) TRL, 1 process", None),
