@@ -71,17 +71,15 @@ def model_flops_per_token(seq_len: float) -> tuple[float, float]:
 
 
 def answer_tokens(rows: pd.DataFrame, columns: tuple[str, ...]) -> int:
-    """Labelled positions in one pass over a stage's rows: each answer's tokens and EOS,
-    tokenised after its prompt as TRL does. The loss needs the LM head there only."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir())
-    total = 0
-    for _, row in rows.iterrows():
-        prompt = len(tok(row["prompt"])["input_ids"])
-        for col in columns:
-            for answer in [row[col]] if isinstance(row[col], str) else list(row[col]):
-                total += len(tok(row["prompt"] + answer)["input_ids"]) - prompt + 1
-    return total
+    """Labelled positions in one pass over a stage's rows: each answer's tokens and EOS as
+    TRL splits them from the prompt (recray.train.token_groups.answer_tokens). The loss
+    needs the LM head there only."""
+    from recray.train.inputs import _tokenizer
+    from recray.train.token_groups import answer_tokens as split
+    tok = _tokenizer(str(model_dir()))
+    return sum(len(split(tok, row["prompt"], answer)[1])
+               for _, row in rows.iterrows() for col in columns
+               for answer in ([row[col]] if isinstance(row[col], str) else list(row[col])))
 
 
 def needed_flops(kind: str, tokens: float, seq_len: float, answers: float) -> float:
