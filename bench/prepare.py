@@ -104,6 +104,24 @@ def split_frame(df: pd.DataFrame, rows: np.ndarray, sample_ids: np.ndarray,
     return frame
 
 
+def assign_splits(times: np.ndarray, sample_ids: np.ndarray,
+                  fractions: tuple[float, float, float]) -> np.ndarray:
+    """0/1/2 for train/valid/test: one global sort by (target time, sample id), cut 8:1:1."""
+    order = np.lexsort((sample_ids, times))
+    cut_train = int(round(len(order) * fractions[0]))
+    cut_valid = int(round(len(order) * (fractions[0] + fractions[1])))
+    split = np.full(len(order), 2, dtype=np.int8)
+    split[order[:cut_train]] = 0
+    split[order[cut_train:cut_valid]] = 1
+    return split
+
+
+def choose_subset(hashes: np.ndarray, in_split: np.ndarray, size: int) -> np.ndarray:
+    """Indices of the `size` samples of a split with the smallest hash (all when fewer)."""
+    idx = np.flatnonzero(in_split)
+    return idx[np.argsort(hashes[idx], kind="stable")[:size]]
+
+
 def pandas_prepare(log_dir: Path, catalog_file: Path, out: Path) -> None:
     """The same protocol and outputs in one process: one big frame, sort, window, split,
     then the split files (prompts from recray.data.prompts), catalog.parquet with train
@@ -111,7 +129,7 @@ def pandas_prepare(log_dir: Path, catalog_file: Path, out: Path) -> None:
     `choose_groups` (a pure function over train-target counts), so only the data
     handling differs."""
     from recray.config import DataConfig
-    from recray.data.prepare import SPLITS, assign_splits, choose_groups, choose_subset, sample_hash
+    from recray.data.prepare import SPLITS, choose_groups, sample_hash
 
     started = time.time()
     cfg = DataConfig()
@@ -141,9 +159,9 @@ def pandas_prepare(log_dir: Path, catalog_file: Path, out: Path) -> None:
 
     train_targets = df["item_id"].to_numpy(dtype=object)[rows[split == 0]]
     categories = dict(zip(catalog["item_id"], catalog["categories"]))
-    groups, dropped, freq = choose_groups(train_targets.tolist(), categories, cfg.n_groups,
-                                          cfg.exclude_categories)
     counts = pd.Series(train_targets).value_counts()
+    groups, dropped, freq = choose_groups(counts.to_dict(), categories, cfg.n_groups,
+                                          cfg.exclude_categories)
     catalog["train_count"] = catalog["item_id"].map(counts).fillna(0).astype("int64")
 
     out.mkdir(parents=True)
@@ -213,6 +231,15 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return seconds, sampler.peak / 2**30
 
 
+def median(values) -> float:
+    return float(np.median(list(values)))
+
+
+def spread(runs: list[tuple[float, float]]) -> str:
+    seconds = [s for s, _ in runs]
+    return f"{median(seconds):.1f}" + (f" [{min(seconds):.1f}-{max(seconds):.1f}]" if len(seconds) > 1 else "")
+
+
 def crossing(t1: float, t2: float, pandas_s: float) -> str:
     """Where recray would match pandas, by Amdahl's law fitted to its 1- and 2-CPU times:
     T(n) = serial + parallel / n."""
@@ -230,6 +257,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--cpus", type=int, nargs="+", default=[2],
                         help="Ray CPUs for recray (ray.num_cpus); e.g. --cpus 1 2")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each row (the spread "
+                        "of one run on a 2-core machine is tens of percent)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--pandas-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
@@ -245,32 +274,41 @@ def main() -> None:
         data = work / f"log-{n}"
         if not (data / "catalog.parquet").exists():
             synthetic_log(n, data)
-        shutil.rmtree(work / f"pandas-{n}", ignore_errors=True)
-        pandas_s, pandas_gb = timed([sys.executable, __file__, "--pandas-only",
-                                     "--log", str(data), "--out", str(work / f"pandas-{n}")])
+        pandas_runs = []
+        for _ in range(args.repeat):
+            shutil.rmtree(work / f"pandas-{n}", ignore_errors=True)
+            pandas_runs.append(timed([sys.executable, __file__, "--pandas-only",
+                                      "--log", str(data), "--out", str(work / f"pandas-{n}")]))
         for cpus in args.cpus:
             recray_out = work / f"recray-{n}-{cpus}cpu"
-            shutil.rmtree(recray_out, ignore_errors=True)
-            ray_s, ray_gb = timed(["recray", "prepare", "--format", "table",
-                                   "--input", str(data / "log"), "--output", str(recray_out),
-                                   f"data.catalog={data / 'catalog.parquet'}",
-                                   f"ray.num_cpus={cpus}"])
-            different = differences(work / f"pandas-{n}", recray_out)
-            if different:
-                raise SystemExit(f"{n} rows: recray and pandas differ in {', '.join(different)}")
-            stats = json.loads((recray_out / "stats.json").read_text())
-            rows.append((n, cpus, pandas_s, pandas_gb, ray_s, ray_gb))
-            phases.append((n, cpus, ray_s, stats["seconds"], stats["timings"]))
-            print(f"done {n:,} rows, {cpus} CPU(s)", flush=True)
+            ray_runs = []
+            for _ in range(args.repeat):
+                shutil.rmtree(recray_out, ignore_errors=True)
+                ray_runs.append(timed(["recray", "prepare", "--format", "table",
+                                       "--input", str(data / "log"), "--output", str(recray_out),
+                                       f"data.catalog={data / 'catalog.parquet'}",
+                                       f"ray.num_cpus={cpus}"]))
+                different = differences(work / f"pandas-{n}", recray_out)
+                if different:
+                    raise SystemExit(f"{n} rows: recray and pandas differ in {', '.join(different)}")
+                stats = json.loads((recray_out / "stats.json").read_text())
+                phases.append((n, cpus, ray_runs[-1][0], stats["seconds"], stats["timings"]))
+            rows.append((n, cpus, pandas_runs, ray_runs))
+            print(f"done {n:,} rows, {cpus} CPU(s), {args.repeat} run(s) each", flush=True)
 
     print(f"\nmachine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           "memory = peak machine memory in use above idle")
     print("| rows | recray CPUs | pandas s | pandas rows/s | pandas peak GiB | recray (Ray Data) s "
           "| recray rows/s | recray peak GiB | time ratio recray/pandas | same output |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, cpus, ps, pg, rs, rg in rows:
-        print(f"| {n:,} | {cpus} | {ps:.1f} | {n / ps:,.0f} | {pg:.2f} | {rs:.1f} | {n / rs:,.0f} "
-              f"| {rg:.2f} | {rs / ps:.2f} | yes |")
+    for n, cpus, pandas_runs, ray_runs in rows:
+        ps, rs = median(s for s, _ in pandas_runs), median(s for s, _ in ray_runs)
+        pg, rg = max(g for _, g in pandas_runs), max(g for _, g in ray_runs)
+        print(f"| {n:,} | {cpus} | {spread(pandas_runs)} | {n / ps:,.0f} | {pg:.2f} "
+              f"| {spread(ray_runs)} | {n / rs:,.0f} | {rg:.2f} | {rs / ps:.2f} | yes |")
+    if args.repeat > 1:
+        print(f"(times: median of {args.repeat} runs [min-max]; rows/s and the ratio from the "
+              f"medians; memory: the largest peak)")
 
     print("\nwhere recray's time goes (stats.json timings; 'outside prepare()': interpreter, "
           "imports, Ray start and shutdown, loader set-up, writing)")
@@ -280,8 +318,8 @@ def main() -> None:
     for n, cpus, wall, inside, t in phases:
         print(f"| {n:,} | {cpus} | " + " | ".join(f"{t[k]:.1f}" for k in names)
               + f" | {wall - sum(t.values()):.1f} | {wall:.1f} |")
-    by = {(n, c): rs for n, c, _, _, rs, _ in rows}
-    pandas_s = {n: ps for n, _, ps, *_ in rows}
+    by = {(n, c): median(s for s, _ in ray_runs) for n, c, _, ray_runs in rows}
+    pandas_s = {n: median(s for s, _ in pandas_runs) for n, _, pandas_runs, _ in rows}
     for n in args.sizes:
         if (n, 1) in by and (n, 2) in by:
             print(f"{n:,} rows: recray would match pandas ({pandas_s[n]:.1f} s) at "

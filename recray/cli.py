@@ -118,7 +118,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from recray.evaluate.report import report
+    from recray.evaluate.report import for_terminal, report
     from recray.evaluate.sweep_report import sweep_report
     from recray.sweep import is_sweep_dir
     sweeps = [d for d in args.runs if is_sweep_dir(Path(d))]
@@ -131,8 +131,8 @@ def cmd_report(args) -> None:
     else:
         path = report([Path(d) for d in args.runs], Path(args.output), splits=args.split,
                       baseline=args.baseline)
-    print(path.read_text())
-    print(f"report: {path}")
+    print(for_terminal(path.read_text()))
+    print(f"\nreport: {path}")
 
 
 def cmd_methods(args) -> None:
@@ -152,8 +152,7 @@ def cmd_run(args) -> None:
     else:
         name = args.name or time.strftime(f"{cfg.loop.method}-%Y%m%d-%H%M%S")
         run_dir = Path(args.runs) / name
-    run = run_job(cfg, run_dir, resume=bool(args.resume), force=args.force)
-    print(f"run directory: {run.root}\nreport: {run.root / 'report' / 'report.md'}")
+    run_job(cfg, run_dir, resume=bool(args.resume), force=args.force)   # its last line: where
 
 
 def cmd_sweep(args) -> None:

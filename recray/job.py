@@ -44,7 +44,7 @@ def run_job(cfg: Config, run_dir: Path, resume: bool = False, force: bool = Fals
                 with run.stage("prepared") as out:
                     stats = prepare(load(cfg.data), cfg.data, out, overwrite=True)
                     file_only(summary_table(stats))
-                    log.info("prepared: %s", prepared_line(stats))
+                    run.outcome(prepared_line(stats))
             prepared = run.path("prepared")
         run_loop(cfg, run, prepared, on_iteration)
         path = report([run.root], run.root / "report")

@@ -113,8 +113,10 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
 
             if method.dpo and not run.done(f"{it}/negatives"):
                 with run.stage(f"{it}/negatives") as out:
-                    make_negatives(pool, pq.read_table(samples), policy, catalog,
-                                   cfg.generate, out, seed=cfg.loop.seed * 1000 + t)
+                    made = make_negatives(pool, pq.read_table(samples), policy, catalog,
+                                          cfg.generate, out, seed=cfg.loop.seed * 1000 + t).stats
+                    run.outcome(f"{made['rows']} rows of {made['samples']} samples, "
+                                f"{made['short_of_n']} short of {made['n_negatives']} negatives")
                     if pairs_per_negative(cfg):
                         pq.write_table(pairwise(pq.read_table(out / "negatives.parquet")),
                                        out / "negatives.parquet")
@@ -239,9 +241,8 @@ def _evaluate(run: RunDir, t: int, cfg: Config, label: str,
             metrics = evaluate_split(split, out / "result")
             (out / "row.json").write_text(json.dumps(
                 {"method": label, "iteration": t, "split": split, **metrics}))
-        log.info("iteration %d %s: HR@5 %.4f NDCG@5 %.4f DivRatio@1 %.4f ORRatio@1 %.4f MGU@1 %.4f",
-                 t, split, metrics["HR@5"], metrics["NDCG@5"], metrics["DivRatio@1"],
-                 metrics["ORRatio@1"], metrics["MGU@1"])
+            run.outcome(" ".join(f"{k} {metrics[k]:.4f}" for k in
+                                 ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")))
         track(cfg, run.root, metrics, t, split)
         results[split] = metrics
     write_metrics_log(run)      # kept current: a sweep may stop a run after any iteration

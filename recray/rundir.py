@@ -137,6 +137,7 @@ def _pid_alive(pid: int) -> bool:
 class RunDir:
     def __init__(self, root: Path, manifest: dict):
         self.root, self.manifest = root, manifest
+        self._outcome = ""          # the stage in flight's outcome(), for its done line
 
     # ------------------------------------------------------------ open / create
 
@@ -220,6 +221,7 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)     # a previous attempt's leftovers
         tmp.mkdir(parents=True)
         start = time.time()
+        self._outcome = ""
         log.info("stage %s started", stage)
         try:
             yield tmp
@@ -242,7 +244,12 @@ class RunDir:
                               f"{self.root}`") from e
         self.manifest["stages"][stage] = _summary(record)
         self._save()
-        log.info("stage %s done in %.1f s", stage, record["seconds"])
+        log.info("stage %s done in %.1f s%s", stage, record["seconds"],
+                 f": {self._outcome}" if self._outcome else "")
+
+    def outcome(self, text: str) -> None:
+        """What the stage in flight made, in a few words: its done line ends with it."""
+        self._outcome = text
 
     def _check_not_nested(self, stage: str) -> None:
         """Stages are disjoint folders: moving one (quarantine) or replacing one must never

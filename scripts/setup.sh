@@ -40,4 +40,5 @@ else
   quiet_pip install --no-deps -e "$ROOT"
 fi
 export RAY_TRAIN_ENABLE_PRINT_PATCH=0
-recray fetch
+assets="$(recray fetch | awk '{print $1}' | paste -sd ' ')"    # fails the set-up if fetch fails
+echo "[setup] assets ready: $assets (where: recray fetch)"

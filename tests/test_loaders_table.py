@@ -11,7 +11,7 @@ import pytest
 
 from recray.config import DataConfig, TableColumns
 from recray.data.loaders import Source, load
-from recray.data.schema import CATALOG, INTERACTIONS
+from recray.data.schema import CATALOG, INTERACTIONS, interactions_table
 from recray.errors import DataError
 from recray.runtime import unwrap
 
@@ -161,3 +161,39 @@ def test_not_the_declared_format(tmp_path):
 def test_empty_csv(tmp_path):
     with pytest.raises(DataError, match="file is empty"):
         load(cfg(write(tmp_path / "log.csv", "")))
+
+
+@pytest.mark.parametrize("stamps", [
+    pa.array([5, 0, 7], pa.int32()),
+    pa.array([5_000, 0, 7_999], pa.timestamp("ms")),
+    pa.array([1, 0, 2], pa.date32()),
+])
+def test_arrow_columns_take_the_vectorised_path_with_the_row_path_result(stamps):
+    """Clean Arrow columns give exactly what the row-by-row conversion gives."""
+    from recray.data.schema import _clean_columns, _unix_seconds_list, interactions_from_arrow
+    users, items = pa.array(["u1", "u2", "u3"]), pa.array([10, 11, 12], pa.int64())
+    ratings = pa.array([4.0, float("nan"), None])
+    assert _clean_columns(users, items, stamps, ratings) is not None
+    fast = interactions_from_arrow(users, items, stamps, ratings, "f.parquet", 7)
+    rows = interactions_table(users.to_pylist(), items.to_pylist(), _unix_seconds_list(stamps),
+                              ratings.to_pylist(), "f.parquet", [7, 8, 9])
+    assert fast.equals(rows)
+
+
+@pytest.mark.parametrize("users, stamps, found", [
+    (["u1", " u2", "u3"], [1, 2, 3], None),                       # padded: stripped row by row
+    (["u1", "u2\x1f", "u3"], [1, 2, 3], None),                    # str.strip() whitespace too
+    (["u1", "", "u3"], [1, 2, 3], "line 8, field 'user_id': missing id"),
+    (["u1", "u2", "u3"], [1, -2, 3], "line 8, field 'ts': timestamp -2 is negative"),
+])
+def test_arrow_columns_with_a_bad_row_go_row_by_row(users, stamps, found):
+    from recray.data.schema import interactions_from_arrow
+    args = (pa.array(users), pa.array(["a", "b", "c"]), pa.array(stamps), None, "f.parquet", 7)
+    if found is None:
+        table = interactions_from_arrow(*args, timestamp_field="ts")
+        assert table.column("user_id").to_pylist() == [u.strip() for u in users]
+    else:
+        with pytest.raises(DataError, match=found):
+            interactions_from_arrow(*args, timestamp_field="ts")
+        dropped = interactions_from_arrow(*args, timestamp_field="ts", on_bad_rows="drop")
+        assert dropped.column("drop_reason").null_count == 2

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray.data
 
 from recray.config import DataConfig
 from recray.data.loaders import Source
-from recray.data.prepare import SPLITS, assign_splits, choose_groups, prepare
+from recray.data.prepare import SPLITS, choose_groups, prepare, split_cuts, split_of
 from recray.data.schema import catalog_table, interactions_table
 from recray.errors import DataError, RecrayError
 
@@ -108,8 +110,8 @@ def test_output_is_the_same_whatever_the_blocks(ray_session, tmp_path):
     one = make_source(rows, items)
     many = make_source(rows, items)
     many.interactions = many.interactions.repartition(7)
-    prepare(one, small_cfg(), tmp_path / "a")
-    prepare(many, small_cfg(), tmp_path / "b")
+    prepare(one, small_cfg(partitions=1), tmp_path / "a")    # every sample in one block
+    prepare(many, small_cfg(partitions=11), tmp_path / "b")
     for name in ("train/part-00000.parquet", "valid/part-00000.parquet",
                  "test/part-00000.parquet", "catalog.parquet", "groups.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -171,7 +173,9 @@ def test_existing_output_is_not_overwritten(ray_session, tmp_path):
 def test_split_cut_breaks_time_ties_by_sample_id():
     times = np.array([5, 5, 5, 5, 5, 5, 5, 5, 5, 5])
     ids = np.array([f"u:{k}" for k in range(10)], dtype=object)
-    split = assign_splits(times, ids, (0.8, 0.1, 0.1))
+    cuts = split_cuts(times, (0.8, 0.1, 0.1))
+    assert cuts == [(5, 8), (5, 9)]          # the 9th and 10th of the ten tied at time 5
+    split = split_of(times, ids, [(5, sorted(ids)[8]), (5, sorted(ids)[9])])
     assert split.tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
 
 
@@ -180,7 +184,47 @@ def test_groups_skip_roots_nested_and_excluded():
     cats = {"a": ["CDs", "Rock", "Classic Rock"], "b": ["CDs", "Rock", "Classic Rock"],
             "c": ["CDs", "Rock"], "d": ["CDs", "Pop"], "e": ["CDs", "unknown", "Jazz"]}
     targets = ["a", "a", "b", "c", "d", "e"]
-    groups, dropped, _ = choose_groups(targets, cats, n_groups=10, exclude=["unknown"])
+    groups, dropped, _ = choose_groups(Counter(targets), cats, n_groups=10, exclude=["unknown"])
     assert groups == ["Rock", "Jazz", "Pop"]
     assert set(dropped) == {"CDs", "Classic Rock", "unknown"}
     assert "nested in 'Rock'" in dropped["Classic Rock"]
+
+
+def test_block_summaries_merge_to_the_global_split_and_draw():
+    """Cuts, splits and subsets from per-block summaries equal one global sort by
+    (target time, sample id) and one global draw by hash, for any cut of users into blocks."""
+    from recray.data.prepare import (_block_summary, _merge_candidates, _samples_at, _target_times,
+                                     sample_hash)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(2, 30, size=60)
+    users = pa.table({
+        "user_id": [f"u{k}" for k in range(len(lengths))],
+        "item_ids": [[f"i{j}" for j in rng.integers(0, 40, size=n)] for n in lengths],
+        "times": [np.sort(rng.integers(0, 50, size=n)).tolist() for n in lengths]})   # many ties
+    ids = np.array([f"u{k}:{p}" for k, n in enumerate(lengths) for p in range(1, n)], dtype=object)
+    times = np.array([t for row in users.column("times").to_pylist() for t in row[1:]])
+    items = np.array([i for row in users.column("item_ids").to_pylist() for i in row[1:]], dtype=object)
+    order = np.lexsort((ids, times))
+    want_split = np.full(len(ids), 2)
+    want_split[order[:round(0.8 * len(ids))]] = 0
+    want_split[order[round(0.8 * len(ids)):round(0.9 * len(ids))]] = 1
+    hashes = sample_hash(ids, 7)
+    sizes = [30, 5, 500]           # the last larger than its split: all of it
+    want = {name: sorted(ids[np.flatnonzero(want_split == i)[np.argsort(hashes[want_split == i])][:size]])
+            for i, (name, size) in enumerate(zip(SPLITS, sizes))}
+
+    blocks = [users.slice(0, 1), users.slice(1, 22), users.slice(23)]
+    all_times = np.concatenate([_target_times(b).column("target_time").to_numpy() for b in blocks])
+    cuts = split_cuts(all_times, (0.8, 0.1, 0.1))
+    tied = pa.concat_tables([_samples_at(b, [c[0] for c in cuts]) for b in blocks])
+    cut_ids = [(t, sorted(tied.filter(pc.equal(tied.column("target_time"), t))
+                          .column("sample_id").to_pylist())[r]) for t, r in cuts]
+    summary = pa.concat_tables([_block_summary(b, cut_ids, 7, sizes) for b in blocks])
+    chosen = _merge_candidates(summary, sizes)
+    assert {name: sorted(chosen[name]) for name in SPLITS} == want
+    assert np.array(summary.column("split_sizes").to_pylist()).sum(axis=0).tolist() == \
+        np.bincount(want_split, minlength=3).tolist()
+    train_counts = Counter()
+    for its, cs in zip(summary.column("train_item").to_pylist(), summary.column("train_count").to_pylist()):
+        train_counts.update(dict(zip(its, cs)))
+    assert train_counts == Counter(items[want_split == 0].tolist())

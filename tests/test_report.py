@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recray.evaluate.report import TABLE_COLUMNS, comparison_table, report
+from recray.evaluate.report import TABLE_COLUMNS, comparison_table, for_terminal, report
 from recray.errors import RecrayError
 
 
@@ -36,6 +36,30 @@ def test_report_files_and_table(tmp_path):
     for png in ("metrics_per_iteration.png", "gu_by_genre.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_the_terminal_shows_every_table_once_and_names_the_plots(tmp_path):
+    write_run(tmp_path / "bigrec-s0", "bigrec", [0.2])
+    write_run(tmp_path / "bigrec-s1", "bigrec", [0.4])
+    write_run(tmp_path / "sprec-s0", "sprec", [0.2, 0.25, 0.5])
+    text = report([tmp_path / "bigrec-s0", tmp_path / "bigrec-s1", tmp_path / "sprec-s0"],
+                  tmp_path / "report").read_text()
+    shown = for_terminal(text)
+    legend = "↑ higher is better"
+    assert text.count(legend) == 2 and shown.count(legend) == 1        # under test and valid
+    assert "± is the sample standard deviation" in shown               # BIGRec has n=2
+    for part in ("## Comparison (test split", "## Comparison (valid split", "| BIGRec (n=2) |"):
+        assert shown.count(part) == text.count(part) >= 1, part
+    assert "![" not in shown and "## Metrics per self-play iteration" not in shown
+    assert shown.endswith("Plots beside report.md: metrics_per_iteration.png, gu_by_genre.png")
+    assert "\n\n\n" not in shown
+
+
+def test_the_legend_speaks_of_standard_deviations_only_when_a_cell_has_one(tmp_path):
+    write_run(tmp_path / "bigrec", "bigrec", [0.2])
+    write_run(tmp_path / "sprec", "sprec", [0.2, 0.5])
+    text = report([tmp_path / "bigrec", tmp_path / "sprec"], tmp_path / "report").read_text()
+    assert "±" not in text
 
 
 def test_runs_of_one_method_are_averaged_only_when_they_differ_in_seeds_alone(tmp_path):

@@ -25,6 +25,19 @@ def test_stages_are_atomic_and_recorded(tmp_path):
     assert manifest["versions"]["ray"] and manifest["seeds"] == {"seed": 0}
 
 
+def test_a_stage_says_what_it_made_on_its_done_line_and_the_next_one_starts_clean(tmp_path, caplog):
+    run = RunDir.create(tmp_path / "r", {"a": 1}, {})
+    with caplog.at_level("INFO", logger="recray.rundir"):
+        with run.stage("it1/negatives"):
+            run.outcome("64 rows of 64 samples")
+        with run.stage("it1/sft"):
+            pass
+    done = [r.getMessage() for r in caplog.records if " done in " in r.getMessage()]
+    assert len(done) == 2
+    assert done[0].startswith("stage it1/negatives done in ") and done[0].endswith(" s: 64 rows of 64 samples")
+    assert done[1].startswith("stage it1/sft done in ") and done[1].endswith(" s")
+
+
 def test_resume_sweeps_temp_dirs_and_keeps_finished_stages(tmp_path):
     run = RunDir.create(tmp_path / "r", {"a": 1}, {})
     with run.stage("it0/policy") as tmp:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,6 @@ USER_ROW = pa.schema([
     ("item_ids", pa.list_(pa.string())),
     ("times", pa.list_(pa.int64())),
 ])
-
-KEYS = pa.schema([("sample_id", pa.string()), ("target_time", pa.int64()),
-                  ("target_item_id", pa.string())])
 
 SAMPLE = pa.schema([
     ("sample_id", pa.string()),
@@ -99,42 +97,55 @@ _STATUS_TEXT = {BAD_ROW: "bad row", EMPTY_TITLE: "item has an empty title",
                 UNKNOWN_ITEM: "item not in catalog"}
 
 
-def _classify(rows: pa.Table, valid_items: pa.Array, empty_title_items: pa.Array) -> pa.Table:
-    """Tag each raw row with why it is unusable (vectorised, per block, before the shuffle)."""
+def _classify(rows: pa.Table, valid_items: pa.Array, empty_title_items: pa.Array,
+              files: pa.Array) -> pa.Table:
+    """Tag each raw row with why it is unusable (vectorised, per block, before the shuffle),
+    and keep only what the per-user pass reads: a file's rank in `files` (sorted) stands
+    in for its name, which would be most of the bytes the shuffle moves."""
     status = np.full(rows.num_rows, OK, dtype=np.int8)
     unknown = ~pc.is_in(rows.column("item_id"), value_set=valid_items).to_numpy(zero_copy_only=False)
     status[unknown] = UNKNOWN_ITEM
     empty = pc.is_in(rows.column("item_id"), value_set=empty_title_items).to_numpy(zero_copy_only=False)
     status[empty] = EMPTY_TITLE
     status[pc.is_valid(rows.column("drop_reason")).to_numpy(zero_copy_only=False)] = BAD_ROW
-    rows = rows.set_column(rows.schema.get_field_index("user_id"), "user_id",
-                           pc.fill_null(rows.column("user_id"), ""))
-    return rows.append_column("status", pa.array(status, pa.int8()))
+    file_rank = pc.index_in(rows.column("source_file"), value_set=files)
+    if file_rank.null_count:
+        raise RecrayError(f"a row names a file the loader did not list: "
+                          f"{rows.column('source_file').filter(pc.is_null(file_rank))[0]}")
+    return pa.table({"user_id": pc.fill_null(rows.column("user_id"), ""),
+                     "item_id": rows.column("item_id"), "timestamp": rows.column("timestamp"),
+                     "file": file_rank.cast(pa.int32()), "source_line": rows.column("source_line"),
+                     "drop_reason": rows.column("drop_reason"),
+                     "status": pa.array(status, pa.int8())})
 
 
-def _drop_examples(rows: pa.Table, order: np.ndarray, status: np.ndarray, dup: np.ndarray) -> list[str]:
+def _drop_examples(rows: pa.Table, status: np.ndarray, dup: np.ndarray, files: list[str]) -> list[str]:
     """`reason: file line N` for the first few dropped rows of a block."""
     out = []
-    for i in np.flatnonzero((status != OK) | dup)[:MAX_EXAMPLES].tolist():
-        row = int(order[i])
-        if status[i] == BAD_ROW:
+    for row in np.flatnonzero((status != OK) | dup)[:MAX_EXAMPLES].tolist():
+        if status[row] == BAD_ROW:
             out.append(rows.column("drop_reason")[row].as_py())
         else:
-            reason = "duplicate (user, item, timestamp)" if status[i] == OK else _STATUS_TEXT[status[i]]
-            out.append(f"{reason}: {rows.column('source_file')[row].as_py()} "
+            reason = "duplicate (user, item, timestamp)" if status[row] == OK else _STATUS_TEXT[status[row]]
+            out.append(f"{reason}: {files[rows.column('file')[row].as_py()]} "
                        f"line {rows.column('source_line')[row].as_py()}")
     return out
 
 
-def _users_of_block(rows: pa.Table, min_interactions: int) -> pa.Table:
+def _codes(column: pa.ChunkedArray) -> np.ndarray:
+    """Integer codes, equal where the strings are equal: numpy compares them fast."""
+    return pc.dictionary_encode(column.combine_chunks()).indices.to_numpy(zero_copy_only=False)
+
+
+def _users_of_block(rows: pa.Table, min_interactions: int, files: list[str]) -> pa.Table:
     """One row per user of a block that holds ALL rows of its users (hash-partitioned by
     user): what was dropped and why, and the usable sequence. Vectorised over users."""
-    col = lambda name: rows.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
-    users, items, times = col("user_id"), col("item_id"), col("timestamp")
     # Per user: time, then item id (spec §1.3); file and line make exact ties stable.
-    order = np.lexsort((col("source_line"), col("source_file"), items, times, users))
-    users, items, status = users[order], items[order], col("status")[order]
-    times = np.where(status == OK, times[order], 0).astype(np.int64)
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[
+        (name, "ascending") for name in ("user_id", "timestamp", "item_id", "file", "source_line")]))
+    users, items = _codes(rows.column("user_id")), _codes(rows.column("item_id"))
+    status = rows.column("status").to_numpy()
+    times = np.where(status == OK, pc.fill_null(rows.column("timestamp"), 0).to_numpy(), 0).astype(np.int64)
     first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], int)
     user_of_row = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(users)]))
 
@@ -154,9 +165,9 @@ def _users_of_block(rows: pa.Table, min_interactions: int) -> pa.Table:
     kept = n_valid >= min_interactions
     listed = valid[kept[user_of_row[valid]]]
     offsets = np.r_[0, np.cumsum(np.where(kept, n_valid, 0))].astype(np.int32)
-    examples = _drop_examples(rows, order, status, dup)
+    examples = _drop_examples(rows, status, dup, files)
     return pa.table({
-        "user_id": pa.array(users[first], pa.string()),
+        "user_id": rows.column("user_id").take(first).combine_chunks(),
         "n_raw": per_user(np.arange(len(users))),
         "n_bad_row": per_user(np.flatnonzero(status == BAD_ROW)),
         "n_unknown_item": per_user(np.flatnonzero(status == UNKNOWN_ITEM)),
@@ -165,13 +176,13 @@ def _users_of_block(rows: pa.Table, min_interactions: int) -> pa.Table:
         "n_valid": n_valid,
         "examples": pa.array([examples] + [[]] * (len(first) - 1) if len(first) else [],
                              pa.list_(pa.string())),
-        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items[listed], pa.string())),
+        "item_ids": pa.ListArray.from_arrays(offsets, rows.column("item_id").take(listed).combine_chunks()),
         "times": pa.ListArray.from_arrays(offsets, pa.array(times[listed], pa.int64())),
     }, schema=USER_ROW)
 
 
-def _sample_keys(users: pa.Table) -> pa.Table:
-    """(sample id, target time, target item) of every sample: each position after the first."""
+def _targets(users: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user id, position, time, item) of every sample's target: each position after the first."""
     lengths = pc.list_value_length(users.column("item_ids")).to_numpy(zero_copy_only=False)
     items = pc.list_flatten(users.column("item_ids")).to_numpy(zero_copy_only=False)
     times = pc.list_flatten(users.column("times")).to_numpy(zero_copy_only=False)
@@ -179,10 +190,58 @@ def _sample_keys(users: pa.Table) -> pa.Table:
     position = np.arange(len(items)) - np.repeat(starts, lengths)
     is_target = position >= 1
     user_ids = np.repeat(users.column("user_id").to_numpy(zero_copy_only=False), lengths)
-    sample_ids = pc.binary_join_element_wise(pa.array(user_ids[is_target], pa.string()),
-                                             pa.array(position[is_target].astype(str)), ":")
-    return pa.table({"sample_id": sample_ids, "target_time": pa.array(times[is_target], pa.int64()),
-                     "target_item_id": pa.array(items[is_target], pa.string())}, schema=KEYS)
+    return user_ids[is_target], position[is_target], times[is_target], items[is_target]
+
+
+def _sample_ids(user_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+    return pc.binary_join_element_wise(pa.array(user_ids, pa.string()), pa.array(position.astype(str)),
+                                       ":").to_numpy(zero_copy_only=False)
+
+
+def _target_times(users: pa.Table) -> pa.Table:
+    return pa.table({"target_time": pa.array(_targets(users)[2], pa.int64())})
+
+
+def _samples_at(users: pa.Table, times: list[int]) -> pa.Table:
+    """(sample id, target time) of the samples whose target time is one of `times`."""
+    user_ids, position, target_times, _ = _targets(users)
+    at = np.isin(target_times, times)
+    return pa.table({"sample_id": pa.array(_sample_ids(user_ids[at], position[at]), pa.string()),
+                     "target_time": pa.array(target_times[at], pa.int64())})
+
+
+def split_of(times: np.ndarray, sample_ids: np.ndarray, cuts: list[tuple[int, str] | None]) -> np.ndarray:
+    """0/1/2 for train/valid/test: a sample is before a cut when its (target time, sample id)
+    is smaller than the cut's, the first sample past it (None: no sample is past it)."""
+    def before(cut):
+        if cut is None:
+            return np.ones(len(times), dtype=bool)
+        time, sample_id = cut
+        tied = np.flatnonzero(times == time)
+        below = times < time
+        below[tied] = sample_ids[tied] < sample_id
+        return below
+    return (2 - before(cuts[1]).astype(np.int8) - before(cuts[0]).astype(np.int8)).astype(np.int8)
+
+
+def _block_summary(users: pa.Table, cuts: list, seed: int, sizes: list[int]) -> pa.Table:
+    """One row per block: its samples per split, each split's `size` smallest-hash
+    candidates, and its train-split target counts (all the driver needs; the keys stay here)."""
+    user_ids, position, times, items = _targets(users)
+    sample_ids = _sample_ids(user_ids, position)
+    split = split_of(times, sample_ids, cuts)
+    hashes = sample_hash(sample_ids, seed)
+    picked = np.concatenate([smallest_hashes(np.flatnonzero(split == i), hashes, sample_ids, size)
+                             for i, size in enumerate(sizes)])
+    train = pc.value_counts(pa.array(items[split == 0], pa.string()))
+    return pa.table({
+        "split_sizes": pa.array([np.bincount(split, minlength=3).tolist()], pa.list_(pa.int64())),
+        "candidate_split": pa.array([split[picked].tolist()], pa.list_(pa.int8())),
+        "candidate_id": pa.array([sample_ids[picked].tolist()], pa.list_(pa.string())),
+        "candidate_hash": pa.array([hashes[picked].tolist()], pa.list_(pa.uint64())),
+        "train_item": pa.array([train.field("values").to_pylist()], pa.list_(pa.string())),
+        "train_count": pa.array([train.field("counts").to_pylist()], pa.list_(pa.int64())),
+    })
 
 
 def _samples_of_users(users: pa.Table, sample_ids: list[str], history_len: int) -> pa.Table:
@@ -210,34 +269,30 @@ def sample_hash(sample_ids: np.ndarray, seed: int) -> np.ndarray:
                               categorize=False)
 
 
-def assign_splits(times: np.ndarray, sample_ids: np.ndarray,
-                  fractions: tuple[float, float, float]) -> np.ndarray:
-    """0/1/2 for train/valid/test: samples ordered by (target time, sample id), cut 8:1:1."""
-    order = np.lexsort((sample_ids, times))
-    n = len(order)
-    cut_train = int(round(n * fractions[0]))
-    cut_valid = int(round(n * (fractions[0] + fractions[1])))
-    split = np.empty(n, dtype=np.int8)
-    split[order[:cut_train]] = 0
-    split[order[cut_train:cut_valid]] = 1
-    split[order[cut_valid:]] = 2
-    return split
+def split_cuts(times: np.ndarray, fractions: tuple[float, float, float]) -> list[tuple[int, int] | None]:
+    """Where the (target time, sample id) order is cut 8:1:1, as (time, rank among the
+    samples tied at that time) of the first sample past each cut; None: nothing past it."""
+    n = len(times)
+    positions = [int(round(n * fractions[0])), int(round(n * (fractions[0] + fractions[1])))]
+    inside = [c for c in positions if c < n]
+    at = dict(zip(inside, np.partition(times, inside)[inside].tolist())) if inside else {}
+    return [(at[c], c - int((times < at[c]).sum())) if c in at else None for c in positions]
 
 
-def choose_subset(hashes: np.ndarray, in_split: np.ndarray, size: int) -> np.ndarray:
-    """Indices of the `size` samples of a split with the smallest hash (all when fewer)."""
-    idx = np.flatnonzero(in_split)
-    if len(idx) > size:
-        idx = idx[np.argsort(hashes[idx], kind="stable")[:size]]
-    return idx
+def smallest_hashes(idx: np.ndarray, hashes: np.ndarray, sample_ids: np.ndarray, size: int) -> np.ndarray:
+    """The `size` of `idx` with the smallest (hash, sample id): a seeded draw that is the
+    same whichever blocks the candidates come from."""
+    if len(idx) > size > 0:
+        idx = idx[hashes[idx] <= np.partition(hashes[idx], size - 1)[size - 1]]
+    return idx[np.lexsort((sample_ids[idx], hashes[idx]))[:size]]
 
 
 # ---------------------------------------------------------------- groups
 
-def choose_groups(train_targets: list[str], item_categories: dict[str, list[str]],
+def choose_groups(target_counts: Mapping[str, int], item_categories: dict[str, list[str]],
                   n_groups: int, exclude: list[str]) -> tuple[list[str], dict[str, str], dict[str, int]]:
-    """Top categories among train targets, with no category nested in another (spec §1.6)."""
-    target_counts = Counter(train_targets)
+    """Top categories among train targets (item -> count), with no category nested in
+    another (spec §1.6)."""
     freq: Counter = Counter()
     members: dict[str, set] = {}
     for item, count in target_counts.items():
@@ -271,20 +326,51 @@ def _collect_users(source: Source, catalog: pa.Table, empty_title_items: pa.Arra
                    cfg: DataConfig) -> ray.data.Dataset:
     """Classify rows, hash-partition by user, summarise each user (one vectorised call per
     block: a partition holds every row of its users, as Ray's own map_groups relies on)."""
+    files = sorted(set(source.files))
     classified = source.interactions.map_batches(
         _classify, batch_format="pyarrow",
         fn_kwargs={"valid_items": catalog.column("item_id").combine_chunks(),
-                   "empty_title_items": empty_title_items})
+                   "empty_title_items": empty_title_items, "files": pa.array(files, pa.string())})
     partitions = cfg.partitions or max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    return classified.repartition(partitions, keys=["user_id"]).map_batches(
+    users = classified.repartition(partitions, keys=["user_id"]).map_batches(
         _users_of_block, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"min_interactions": cfg.min_interactions}).materialize()
+        fn_kwargs={"min_interactions": cfg.min_interactions, "files": files})
+    # Measured at 10M rows on 2 CPUs (docs/prepare.md): with Ray Data's defaults each
+    # operator keeps a reserved share of the CPUs, so the read ran one task at a time, and
+    # the shuffle buffered all its input before mapping it in one task. Stream instead:
+    # the per-user pass cannot start before the shuffle ends anyway.
+    users.context.op_resource_reservation_enabled = False
+    users.context.shuffle_input_batch_bytes = 0         # one shuffle map task per block
+    return users.materialize()
 
 
 def _gather(ds: ray.data.Dataset, columns: list[str] | None = None) -> pa.Table:
     if columns is not None:
         ds = ds.select_columns(columns)
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
+def _split_cuts(users: ray.data.Dataset, fractions: tuple[float, float, float]) -> tuple[list, int]:
+    """The train/valid and valid/test cuts as (time, sample id) of the first sample past
+    each: only target times, and the ids tied at a cut's time, reach the driver."""
+    times = _gather(users.map_batches(_target_times, batch_format="pyarrow")).column("target_time").to_numpy()
+    cuts = split_cuts(times, fractions)
+    at = sorted({cut[0] for cut in cuts if cut is not None})
+    tied = _gather(users.map_batches(_samples_at, batch_format="pyarrow", fn_kwargs={"times": at}))
+    ids_at = {t: sorted(tied.filter(pc.equal(tied.column("target_time"), t)).column("sample_id").to_pylist())
+              for t in at}
+    return [None if cut is None else (cut[0], ids_at[cut[0]][cut[1]]) for cut in cuts], len(times)
+
+
+def _merge_candidates(blocks: pa.Table, sizes: list[int]) -> dict[str, list[str]]:
+    """Each split's `size` samples with the smallest (hash, sample id) over all blocks."""
+    split = pc.list_flatten(blocks.column("candidate_split")).to_numpy()
+    ids = pc.list_flatten(blocks.column("candidate_id")).to_numpy(zero_copy_only=False)
+    hashes = pc.list_flatten(blocks.column("candidate_hash")).to_numpy()
+    chosen = {}
+    for i, (name, size) in enumerate(zip(SPLITS, sizes)):
+        chosen[name] = ids[smallest_hashes(np.flatnonzero(split == i), hashes, ids, size)].tolist()
+    return chosen
 
 
 def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = False) -> dict:
@@ -305,37 +391,35 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     users = _collect_users(source, catalog, empty_title_items, cfg)
     lap("read, classify, shuffle by user, per-user summaries")
     user_stats = _gather(users, ["n_raw", "n_bad_row", "n_unknown_item", "n_empty_title",
-                                 "n_duplicate", "n_valid"])
+                                 "n_duplicate", "n_valid", "examples"])
     totals = {name: int(pc.sum(user_stats.column(name)).as_py() or 0)
-              for name in user_stats.column_names}
+              for name in user_stats.column_names if name != "examples"}
     n_valid = user_stats.column("n_valid").to_numpy()
     kept_users = int((n_valid >= cfg.min_interactions).sum())
     if kept_users == 0:
         raise DataError(f"no user has {cfg.min_interactions} usable interactions "
                         f"(data.min_interactions); {len(n_valid)} users, at most "
                         f"{int(n_valid.max()) if len(n_valid) else 0} each")
-    examples = pc.list_flatten(_gather(users, ["examples"]).column("examples")).to_pylist()
+    examples = pc.list_flatten(user_stats.column("examples")).to_pylist()
     examples = sorted(examples)[:4 * MAX_EXAMPLES]      # sorted: the same whatever the blocks
     lap("counts to the driver")
 
-    keys = _gather(users.map_batches(_sample_keys, batch_format="pyarrow"))
-    sample_ids = keys.column("sample_id").to_numpy(zero_copy_only=False)
-    split = assign_splits(keys.column("target_time").to_numpy(), sample_ids, cfg.split)
-    hashes = sample_hash(sample_ids, cfg.seed)
-    sizes = dict(zip(SPLITS, (cfg.n_train, cfg.n_valid, cfg.n_test)))
-    chosen = {name: sample_ids[choose_subset(hashes, split == i, sizes[name])].tolist()
-              for i, name in enumerate(SPLITS)}
-    lap("sample keys to the driver, split, subsets")
+    cuts, n_samples = _split_cuts(users, cfg.split)
+    lap("target times to the driver, split cuts")
+    sizes = [cfg.n_train, cfg.n_valid, cfg.n_test]
+    blocks = _gather(users.map_batches(_block_summary, batch_format="pyarrow", fn_kwargs={
+        "cuts": cuts, "seed": cfg.seed, "sizes": sizes}))
+    split_sizes = np.array(blocks.column("split_sizes").to_pylist(), dtype=np.int64).sum(axis=0)
+    chosen = _merge_candidates(blocks, sizes)
+    train_counts: Counter = Counter()
+    for items, counts in zip(blocks.column("train_item").to_pylist(), blocks.column("train_count").to_pylist()):
+        train_counts.update(dict(zip(items, counts)))
+    lap("split, subsets and train counts per block")
 
-    train_target_items = keys.column("target_item_id").filter(pa.array(split == 0)).to_pylist()
-    n_samples = keys.num_rows
-    del keys, sample_ids, hashes
     item_categories = dict(zip(catalog.column("item_id").to_pylist(),
                                catalog.column("categories").to_pylist()))
     groups, dropped_groups, group_freq = choose_groups(
-        train_target_items, item_categories, cfg.n_groups, cfg.exclude_categories)
-
-    train_counts = Counter(train_target_items)
+        train_counts, item_categories, cfg.n_groups, cfg.exclude_categories)
     catalog = catalog.append_column("train_count", pa.array(
         [train_counts.get(i, 0) for i in catalog.column("item_id").to_pylist()], pa.int64()))
     titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
@@ -369,7 +453,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
                   "dropped_fewer_than_min_interactions": len(n_valid) - kept_users},
         "samples": {"total": n_samples,
                     "skipped_empty_history": kept_users,
-                    **{f"{name}_split": int((split == i).sum()) for i, name in enumerate(SPLITS)},
+                    **{f"{name}_split": int(split_sizes[i]) for i, name in enumerate(SPLITS)},
                     **{f"{name}_subset": subsets[name].num_rows for name in SPLITS}},
         "groups": {"chosen": groups, "dropped": dropped_groups},
         "drop_examples": examples,

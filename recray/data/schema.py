@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recray.errors import DataError
 
@@ -117,3 +118,87 @@ def catalog_table(item_ids: Sequence, titles: Sequence, categories: Sequence[Seq
         "categories": pa.array([[str(c) for c in (cs or [])] for cs in categories],
                                pa.list_(pa.string())),
     }, schema=CATALOG)
+
+
+def interactions_from_arrow(user_ids: pa.Array, item_ids: pa.Array, timestamps: pa.Array,
+                            ratings: pa.Array | None, path: str, first_line: int,
+                            timestamp_field: str = "timestamp", rating_field: str = "rating",
+                            on_bad_rows: str = "error") -> pa.Table:
+    """interactions_table for Arrow columns (line numbers first_line, first_line + 1, ...):
+    vectorised when every row is clean, the common case; otherwise row by row, which
+    names the first bad row exactly (or, under drop, gives each its reason)."""
+    n = len(user_ids)
+    columns = _clean_columns(user_ids, item_ids, timestamps, ratings)
+    if columns is None:
+        return interactions_table(
+            user_ids.to_pylist(), item_ids.to_pylist(), _unix_seconds_list(timestamps),
+            None if ratings is None else ratings.to_pylist(), path,
+            range(first_line, first_line + n), timestamp_field, rating_field, on_bad_rows)
+    return pa.table({
+        **columns,
+        "source_file": pa.array([str(path)] * n, pa.string()),
+        "source_line": pa.array(np.arange(first_line, first_line + n, dtype=np.int64)),
+        "drop_reason": pa.nulls(n, pa.string()),
+    }, schema=INTERACTIONS)
+
+
+# what str.strip() strips, so both paths agree on which ids are padded
+_PY_WHITESPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+
+
+def _clean_ids(column: pa.Array) -> pa.Array | None:
+    """String or integer ids as strings, or None when one is missing, empty or padded
+    (the row-by-row path strips and reports those)."""
+    if pa.types.is_integer(column.type):
+        return None if column.null_count else column.cast(pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    column = column.cast(pa.string())
+    if column.null_count or not pc.all(pc.equal(column, pc.utf8_trim(column, _PY_WHITESPACE))).as_py() \
+            or not pc.all(pc.greater(pc.utf8_length(column), 0)).as_py():
+        return None
+    return column
+
+
+def _clean_seconds(column: pa.Array) -> np.ndarray | None:
+    """Whole non-negative seconds from integer, date or timestamp columns, else None."""
+    if pa.types.is_date(column.type):
+        column = column.cast(pa.timestamp("s"))
+    if pa.types.is_timestamp(column.type):
+        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
+        column = column.cast(pa.int64())
+    elif pa.types.is_integer(column.type):
+        per_second = 1
+    else:
+        return None
+    if column.null_count:
+        return None
+    seconds = column.to_numpy().astype(np.int64) // per_second
+    return None if len(seconds) and seconds.min() < 0 else seconds
+
+
+def _clean_columns(user_ids, item_ids, timestamps, ratings) -> dict | None:
+    users, items, seconds = _clean_ids(user_ids), _clean_ids(item_ids), _clean_seconds(timestamps)
+    if users is None or items is None or seconds is None:
+        return None
+    if ratings is None:
+        rates = pa.nulls(len(users), pa.float64())
+    elif pa.types.is_integer(ratings.type) or pa.types.is_floating(ratings.type):
+        rates = ratings.cast(pa.float64())
+        rates = pc.if_else(pc.is_nan(rates), pa.scalar(None, pa.float64()), rates)
+    else:
+        return None
+    return {"user_id": users, "item_id": items, "timestamp": pa.array(seconds, pa.int64()),
+            "rating": rates}
+
+
+def _unix_seconds_list(column: pa.Array) -> list:
+    """Arrow dates and timestamps as unix seconds (time-zone-naive ones read as UTC);
+    other types pass through as Python values for interactions_table to check."""
+    if pa.types.is_date(column.type):
+        column = column.cast(pa.timestamp("s"))
+    if pa.types.is_timestamp(column.type):
+        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
+        # floor, not truncation: a time before 1970 must stay negative to be caught
+        return [None if v is None else v // per_second for v in column.cast(pa.int64()).to_pylist()]
+    return column.to_pylist()

@@ -334,11 +334,13 @@ def _comparison_section(run_dirs: list[Path], runs: list[list[dict]], split: str
                 "(loop.init_from) or was reverted.", ""]
     differences = differences_table(finals, baseline, start_runs(run_dirs, runs))
     verdicts = mostpop_verdicts(per_method)
+    table = comparison_table(per_method)
     return [
         f"## Comparison ({split} split, last iteration of each run)", "",
-        comparison_table(per_method), "",
+        table, "",
         "↑ higher is better for DivRatio, HR, NDCG; ↓ lower is better for ORRatio, MGU. "
-        "Bold: the unique best per column. ± is the sample standard deviation over n runs.", "",
+        "Bold: the unique best per column." + (" ± is the sample standard deviation over the "
+                                                "n runs shown." if "±" in table else ""), "",
         *([f"- {line}" for line in unlike + verdicts] + [""] if unlike + verdicts else []),
         *([f"### Differences to {_label(baseline)} ({split}; same samples, paired bootstrap, "
            "2,000 resamples)",
@@ -359,6 +361,28 @@ def _general_section(run_dirs: list[Path], runs: list[list[dict]], split: str) -
             "known to have; CV and MIN over the users' Recall@20 per group (↓ CV, ↑ MIN, ↑ the "
             "rest). [pop]/[genre]: the groups the model was made fair over. ± is the sample "
             "standard deviation over n runs.", ""]
+
+
+def for_terminal(markdown: str) -> str:
+    """The report as a terminal shows it: a section that is only a plot becomes one line
+    naming the file, and a note already shown (the legends under each split) is not
+    repeated."""
+    lines, seen, plots = [], set(), []
+    for block in markdown.split("\n\n"):
+        body = [line for line in block.splitlines() if line.strip()]
+        if body and all(line.startswith("![") for line in body):
+            plots += [line[line.index("](") + 2:-1] for line in body]
+            if lines and lines[-1].startswith("#"):
+                lines.pop()                       # the plot's heading goes with it
+            continue
+        note = not block.lstrip().startswith(("#", "|", "-"))
+        if note and block in seen:
+            continue
+        seen.add(block)
+        lines.append(block)
+    if plots:
+        lines.append(f"Plots beside report.md: {', '.join(plots)}")
+    return "\n\n".join(lines)
 
 
 def report(run_dirs: list[Path], output: Path, splits: list[str] | None = None,

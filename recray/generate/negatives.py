@@ -22,7 +22,6 @@ completions in the training format (recray.data.prompts.build_completion).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from recray.generate.policy import Policy
 from recray.generate.pool import write_parquet
 from recray.generate.seeding import keyed_rng
 
-log = logging.getLogger(__name__)
 
 NEGATIVES_FILE = "negatives.parquet"
 STATS_FILE = "negatives_stats.json"
@@ -287,7 +285,6 @@ def make_negatives(pool, train_samples, policy: Policy | None, catalog, cfg: Gen
              **{k: int(counts.get(k, 0)) for k in COUNTS},
              "generation": run, "seconds": round(time.time() - started, 1)}
     path = _write(table, stats, Path(output_dir))
-    log.info("negatives: %d rows -> %s", table.num_rows, path)
     return NegativesResult(table, stats, path)
 
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from recray.config import DataConfig
-from recray.data.schema import INTERACTIONS, catalog_table, interactions_table
+from recray.data.schema import INTERACTIONS, catalog_table, interactions_from_arrow, interactions_table
 from recray.errors import DataError
 
 CHUNK_ROWS = 65_536
@@ -294,18 +294,6 @@ def open_parquet(path: str) -> pq.ParquetFile:
         raise DataError(f"not a Parquet file ({err})", path) from None
 
 
-def unix_seconds(column: pa.Array) -> list:
-    """Arrow dates and timestamps as unix seconds (time-zone-naive ones read as UTC);
-    other types pass through as Python values for interactions_table to check."""
-    if pa.types.is_date(column.type):
-        column = column.cast(pa.timestamp("s"))
-    if pa.types.is_timestamp(column.type):
-        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
-        # floor, not truncation: a time before 1970 must stay negative to be caught
-        return [None if v is None else v // per_second for v in column.cast(pa.int64()).to_pylist()]
-    return column.to_pylist()
-
-
 def _read_row_group(batch: pa.Table, columns: dict[str, str | None], on_bad_rows: str) -> Iterator[pa.Table]:
     path = batch["path"][0].as_py()
     first = batch["first_row"][0].as_py()
@@ -315,11 +303,10 @@ def _read_row_group(batch: pa.Table, columns: dict[str, str | None], on_bad_rows
                                      columns=wanted):
         n = part.num_rows
         rating = columns["rating"]
-        yield interactions_table(
-            part.column(columns["user_id"]).to_pylist(), part.column(columns["item_id"]).to_pylist(),
-            unix_seconds(part.column(columns["timestamp"])),
-            part.column(rating).to_pylist() if rating else [None] * n,
-            path, range(first + 1, first + n + 1), timestamp_field=columns["timestamp"],
+        yield interactions_from_arrow(
+            part.column(columns["user_id"]), part.column(columns["item_id"]),
+            part.column(columns["timestamp"]), part.column(rating) if rating else None,
+            path, first + 1, timestamp_field=columns["timestamp"],
             rating_field=rating or "rating", on_bad_rows=on_bad_rows)
         first += n
 
