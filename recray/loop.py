@@ -92,7 +92,7 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
         elif not run.done("it0/policy"):
             data = gdrt_sft_data(run, cfg, base, prepared) if method.gdrt else prepared
             with run.stage("it0/policy") as out:
-                train.sft(base, data, out, cfg, phase="initial")
+                run.outcome(train.sft(base, data, out, cfg, phase="initial").line())
         policy = _trained_policy(base, run.path("it0/policy"), cfg)
         prior = _reference_recommender(method.prior, run, cfg, prepared) if method.prior else None
         metrics = _evaluate(run, 0, cfg, cfg.loop.method if prior else
@@ -130,15 +130,16 @@ def run_loop(cfg: Config, run: RunDir, prepared: Path,
             if method.sft:
                 if not run.done(f"{it}/sft"):
                     with run.stage(f"{it}/sft") as out:
-                        train.sft(policy.model, samples, out, cfg, phase="loop",
-                                  adapter=policy.adapter)
+                        run.outcome(train.sft(policy.model, samples, out, cfg, phase="loop",
+                                              adapter=policy.adapter).line())
                 reference = _trained_policy(base, run.path(f"{it}/sft"), cfg)
 
             policy = reference
             if method.dpo:
                 if not run.done(f"{it}/policy"):
                     with run.stage(f"{it}/policy") as out:
-                        train.dpo(reference.model, pairs, out, cfg, adapter=reference.adapter)
+                        run.outcome(train.dpo(reference.model, pairs, out, cfg,
+                                              adapter=reference.adapter).line())
                 policy = _trained_policy(base, run.path(f"{it}/policy"), cfg)
             metrics = _evaluate(run, t, cfg, cfg.loop.method,
                                 _llm_evaluator(policy, pool, cfg, prepared,
@@ -241,8 +242,8 @@ def _evaluate(run: RunDir, t: int, cfg: Config, label: str,
             metrics = evaluate_split(split, out / "result")
             (out / "row.json").write_text(json.dumps(
                 {"method": label, "iteration": t, "split": split, **metrics}))
-            run.outcome(" ".join(f"{k} {metrics[k]:.4f}" for k in
-                                 ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")))
+            run.outcome(f"{metrics['n_samples']:.0f} samples: " + " ".join(
+                f"{k} {metrics[k]:.4f}" for k in ("HR@5", "NDCG@5", "DivRatio@1", "ORRatio@1", "MGU@1")))
         track(cfg, run.root, metrics, t, split)
         results[split] = metrics
     write_metrics_log(run)      # kept current: a sweep may stop a run after any iteration

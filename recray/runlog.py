@@ -160,8 +160,14 @@ def progress(items: Iterable, total: int, what: str, unit: str,
             log.info("%s: %d/%d %s (%.0f%%), %.2f %s/s, ETA %s", what, done, total, unit,
                      100 * done / max(total, 1), rate, unit, _duration((total - done) / rate))
     elapsed = time.time() - start
-    log.info("%s: %d %s in %s (%.2f %s/s)", what, done, unit, _duration(elapsed),
-             done / max(elapsed, 1e-9), unit)
+    end = "%s: %d %s in %s (%.2f %s/s)" % (what, done, unit, _duration(elapsed),
+                                          done / max(elapsed, 1e-9), unit)
+    # A line closes the ones shown on the way; work shorter than one interval is told by
+    # its caller's own end line (a stage's), so its rate goes to the log file only.
+    if last > start:
+        log.info(end)
+    else:
+        file_only(end)
 
 
 def _duration(seconds: float) -> str:

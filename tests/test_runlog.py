@@ -85,3 +85,17 @@ def test_progress_logs_counts_rate_and_eta_off_a_terminal(capfd, console, monkey
     assert lines == ["generate: 4/10 prompts (40%), 0.10 prompts/s, ETA 1m00s",
                      "generate: 8/10 prompts (80%), 0.10 prompts/s, ETA 20s",
                      "generate: 10 prompts in 2m40s (0.06 prompts/s)"]
+
+
+def test_work_shorter_than_one_interval_leaves_its_rate_to_the_log_file(capfd, console, monkeypatch, tmp_path):
+    """Its stage's done line tells the console; the rate line would only repeat it."""
+    runlog.setup_console(verbose=False)
+    runlog.to_file(tmp_path / "run.log")
+    clock = iter(range(0, 1000, 5))                # 5 s between items: no interim line
+    monkeypatch.setattr(runlog, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert list(runlog.progress([4, 4, 2], total=10, what="generate", unit="prompts",
+                                size=lambda n: n)) == [4, 4, 2]
+    assert "generate:" not in capfd.readouterr().err
+    runlog._state["file"].flush()
+    assert "generate: 10 prompts in 20s (0.50 prompts/s)" in (tmp_path / "run.log").read_text()

@@ -51,6 +51,17 @@ USER_ROW = pa.schema([
     ("times", pa.list_(pa.int64())),
 ])
 
+TARGET_TIMES = pa.schema([("target_time", pa.int64())])
+TIED = pa.schema([("sample_id", pa.string()), ("target_time", pa.int64())])
+BLOCK_SUMMARY = pa.schema([          # one row per block of users (split, subsets, train counts)
+    ("split_sizes", pa.list_(pa.int64())),
+    ("candidate_split", pa.list_(pa.int8())),
+    ("candidate_id", pa.list_(pa.string())),
+    ("candidate_hash", pa.list_(pa.uint64())),
+    ("train_item", pa.list_(pa.string())),
+    ("train_count", pa.list_(pa.int64())),
+])
+
 SAMPLE = pa.schema([
     ("sample_id", pa.string()),
     ("user_id", pa.string()),
@@ -199,7 +210,7 @@ def _sample_ids(user_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
 
 
 def _target_times(users: pa.Table) -> pa.Table:
-    return pa.table({"target_time": pa.array(_targets(users)[2], pa.int64())})
+    return pa.table({"target_time": pa.array(_targets(users)[2], pa.int64())}, schema=TARGET_TIMES)
 
 
 def _samples_at(users: pa.Table, times: list[int]) -> pa.Table:
@@ -207,7 +218,7 @@ def _samples_at(users: pa.Table, times: list[int]) -> pa.Table:
     user_ids, position, target_times, _ = _targets(users)
     at = np.isin(target_times, times)
     return pa.table({"sample_id": pa.array(_sample_ids(user_ids[at], position[at]), pa.string()),
-                     "target_time": pa.array(target_times[at], pa.int64())})
+                     "target_time": pa.array(target_times[at], pa.int64())}, schema=TIED)
 
 
 def split_of(times: np.ndarray, sample_ids: np.ndarray, cuts: list[tuple[int, str] | None]) -> np.ndarray:
@@ -241,7 +252,7 @@ def _block_summary(users: pa.Table, cuts: list, seed: int, sizes: list[int]) -> 
         "candidate_hash": pa.array([hashes[picked].tolist()], pa.list_(pa.uint64())),
         "train_item": pa.array([train.field("values").to_pylist()], pa.list_(pa.string())),
         "train_count": pa.array([train.field("counts").to_pylist()], pa.list_(pa.int64())),
-    })
+    }, schema=BLOCK_SUMMARY)
 
 
 def _samples_of_users(users: pa.Table, sample_ids: list[str], history_len: int) -> pa.Table:
@@ -344,19 +355,21 @@ def _collect_users(source: Source, catalog: pa.Table, empty_title_items: pa.Arra
     return users.materialize()
 
 
-def _gather(ds: ray.data.Dataset, columns: list[str] | None = None) -> pa.Table:
-    if columns is not None:
-        ds = ds.select_columns(columns)
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+def _gather(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
+    """`ds`'s `schema` columns in the driver. Streamed: an eager execution would warn of
+    no free CPUs while the previous pass's tasks are still giving theirs back."""
+    blocks = list(ds.select_columns(schema.names).iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables([b.cast(schema) for b in blocks]) if blocks else schema.empty_table()
 
 
 def _split_cuts(users: ray.data.Dataset, fractions: tuple[float, float, float]) -> tuple[list, int]:
     """The train/valid and valid/test cuts as (time, sample id) of the first sample past
     each: only target times, and the ids tied at a cut's time, reach the driver."""
-    times = _gather(users.map_batches(_target_times, batch_format="pyarrow")).column("target_time").to_numpy()
+    times = _gather(users.map_batches(_target_times, batch_format="pyarrow"),
+                    TARGET_TIMES).column("target_time").to_numpy()
     cuts = split_cuts(times, fractions)
     at = sorted({cut[0] for cut in cuts if cut is not None})
-    tied = _gather(users.map_batches(_samples_at, batch_format="pyarrow", fn_kwargs={"times": at}))
+    tied = _gather(users.map_batches(_samples_at, batch_format="pyarrow", fn_kwargs={"times": at}), TIED)
     ids_at = {t: sorted(tied.filter(pc.equal(tied.column("target_time"), t)).column("sample_id").to_pylist())
               for t in at}
     return [None if cut is None else (cut[0], ids_at[cut[0]][cut[1]]) for cut in cuts], len(times)
@@ -390,8 +403,8 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     lap("catalog")
     users = _collect_users(source, catalog, empty_title_items, cfg)
     lap("read, classify, shuffle by user, per-user summaries")
-    user_stats = _gather(users, ["n_raw", "n_bad_row", "n_unknown_item", "n_empty_title",
-                                 "n_duplicate", "n_valid", "examples"])
+    user_stats = _gather(users, pa.schema([USER_ROW.field(name) for name in (
+        "n_raw", "n_bad_row", "n_unknown_item", "n_empty_title", "n_duplicate", "n_valid", "examples")]))
     totals = {name: int(pc.sum(user_stats.column(name)).as_py() or 0)
               for name in user_stats.column_names if name != "examples"}
     n_valid = user_stats.column("n_valid").to_numpy()
@@ -408,7 +421,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
     lap("target times to the driver, split cuts")
     sizes = [cfg.n_train, cfg.n_valid, cfg.n_test]
     blocks = _gather(users.map_batches(_block_summary, batch_format="pyarrow", fn_kwargs={
-        "cuts": cuts, "seed": cfg.seed, "sizes": sizes}))
+        "cuts": cuts, "seed": cfg.seed, "sizes": sizes}), BLOCK_SUMMARY)
     split_sizes = np.array(blocks.column("split_sizes").to_pylist(), dtype=np.int64).sum(axis=0)
     chosen = _merge_candidates(blocks, sizes)
     train_counts: Counter = Counter()
@@ -428,7 +441,7 @@ def prepare(source: Source, cfg: DataConfig, output: Path, overwrite: bool = Fal
                             pa.string())
     chosen_users = _gather(users.map_batches(
         lambda t: t.filter(pc.is_in(t.column("user_id"), value_set=wanted_users)),
-        batch_format="pyarrow"))
+        batch_format="pyarrow"), USER_ROW)
     subsets = {name: _with_prompts(_samples_of_users(chosen_users, chosen[name], cfg.history_len),
                                    titles, cfg.noun)
                for name in SPLITS}

@@ -25,6 +25,7 @@ import ray
 
 from recray.config import Config
 from recray.errors import ConfigError, RecrayError
+from recray.runlog import file_only
 from recray.runtime import init_ray, unwrap
 from recray.train import inputs
 from recray.train.deepspeed import deepspeed_config, extensions_dir, precision
@@ -43,6 +44,14 @@ class TrainResult:
     metrics: dict                   # summary: loss, tokens/s, reward accuracy (DPO), data counts
     log_history: list[dict] = field(default_factory=list)
     workers: list[dict] = field(default_factory=list)   # per rank: node_id, node_ip, pid
+
+    def line(self) -> str:
+        """The fit in a few words, for its stage's done line."""
+        m = self.metrics
+        loss = "" if m.get("train_loss") is None else f", train loss {m['train_loss']:.4f}"
+        speed = "" if not m.get("tokens_per_second") else f", {m['tokens_per_second']:.0f} tokens/s"
+        return (f"{m['data']['samples']} samples ({m['data']['truncated']} cut to max_length), "
+                f"{m['steps']} steps{loss}{speed}, {m['precision']}")
 
 
 def sft(model: str | Path, data, output: str | Path, cfg: Config, *,
@@ -197,10 +206,10 @@ def _run(kind: str, model, data, output, cfg: Config, learning_rate: float, epoc
               learning_rate=learning_rate, epochs=epochs, deepspeed=ds_dict,
               precision=precision(t), run_name=run_name, extensions_dir=extensions_dir(),
               output=str(output.resolve()), max_steps=max_steps)
-    log.info("%s: %d samples (%d cut to max_length), %d x %s worker(s), %s, ZeRO %s, LoRA %s",
-             kind, data_stats["samples"], data_stats["truncated"], t.scaling.num_workers,
-             "GPU" if t.scaling.use_gpu else "CPU", job.precision, t.deepspeed.stage,
-             t.lora.enabled)
+    # the console has the stage's lines and, at the end, TrainResult.line(); the set-up goes to the log
+    file_only(f"{kind}: {data_stats['samples']} samples ({data_stats['truncated']} cut to "
+              f"max_length), {t.scaling.num_workers} x {'GPU' if t.scaling.use_gpu else 'CPU'} "
+              f"worker(s), {job.precision}, ZeRO {t.deepspeed.stage}, LoRA {t.lora.enabled}")
     start = time.time()
     output.mkdir(parents=True, exist_ok=True)
     result = _trainer(job, ds, cfg, storage).fit()

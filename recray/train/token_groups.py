@@ -125,7 +125,7 @@ def gdrt_sft_data(run, cfg: Config, base: str, prepared: Path) -> Path:
     if scorer is None:
         if not run.done("gdrt/scorer"):
             with run.stage("gdrt/scorer") as out:
-                train.sft(base, prepared, out, cfg, phase="initial")
+                run.outcome(train.sft(base, prepared, out, cfg, phase="initial").line())
         trained = run.path("gdrt/scorer")
         scorer = str(trained / ("adapter" if (trained / "adapter").exists() else "model"))
     if not run.done("gdrt/groups"):
