@@ -26,6 +26,9 @@ IGNORED_WARNINGS = ("Token authentication is enabled for this Ray cluster",)
 # A Ray worker's line reaches the console when recray logged it or it reports an error.
 # (A recray logger's name is "recray.<module>"; a path such as ~/.cache/recray/ is not one.)
 WORKER_LINE_SHOWN = re.compile(r"\brecray\.[a-z_.]+ |\bERROR\b|\bCRITICAL\b|Traceback|Error:")
+# ... except errors that ask nothing of the user: the GCS failing to kill an actor that had
+# already exited (seen in a main job on 2026-12-06; the RpcError made it look like one).
+WORKER_LINE_HIDDEN = re.compile(r"Failed to kill actor NIL_ID")
 
 _state = {"verbose": False, "file": None}
 _file_lock = threading.Lock()
@@ -128,7 +131,8 @@ def route_ray_output() -> None:
         who = data.get("actor_name") or data.get("task_name") or ""
         _write_file("".join(f"({who} pid={data.get('pid')}) {line}\n" for line in data["lines"]))
         system = data.get("pid") in ("raylet", "autoscaler")
-        shown = [line for line in data["lines"] if system or WORKER_LINE_SHOWN.search(line)]
+        shown = [line for line in data["lines"] if (system or WORKER_LINE_SHOWN.search(line))
+                 and not WORKER_LINE_HIDDEN.search(line)]
         if shown:
             ray_worker.print_to_stdstream({**data, "lines": shown}, ignore_prefix=False)
 

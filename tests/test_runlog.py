@@ -63,6 +63,12 @@ def test_worker_lines_reach_the_file_and_only_recray_and_errors_the_console(
         dispatcher.emit({"pid": 42, "actor_name": "PlacementGroupCleaner", "task_name": None,
                          "is_err": True, "ip": "127.0.0.1",
                          "lines": ["Failed to query Ray Train Controller actor state."]})
+        dispatcher.emit({"pid": "gcs_server", "actor_name": None, "task_name": None,
+                         "is_err": True, "ip": "127.0.0.1", "lines": [
+                             "[2026-12-06 22:15:11,446 E 20430 20430] (gcs_server) "
+                             "gcs_actor_scheduler.cc:538: Failed to kill actor NIL_ID, return "
+                             "status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: "
+                             "RPC error: Socket closed rpc_code: 14"]})
     finally:
         dispatcher.remove_handler("recray_print_logs")
     shown = capfd.readouterr().err
@@ -71,6 +77,7 @@ def test_worker_lines_reach_the_file_and_only_recray_and_errors_the_console(
     assert "Initializing a V1 LLM engine" not in shown and "Failed to query" not in shown
     assert "(GenerationActor pid=41) INFO [core.py:133] Initializing" in text
     assert "(PlacementGroupCleaner pid=42) Failed to query" in text
+    assert "Failed to kill actor NIL_ID" not in shown and "Failed to kill actor NIL_ID" in text
 
 
 def test_progress_logs_counts_rate_and_eta_off_a_terminal(capfd, console, monkeypatch):
