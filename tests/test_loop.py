@@ -402,7 +402,12 @@ def test_loop_on_vllm_with_beam_negatives_records_its_engine_and_prints_a_readab
     for stage in ("prepared", "it0/policy", "it1/negatives", "it1/sft", "it1/policy"):
         assert f"stage {stage} done in " in text
     assert re.search(r"dpo step \d+/\d+ ETA \d+s", text)       # from the training worker
-    assert re.search(r"generate: \d+ prompts in ", text)
+    # each stage's end says what it made; a generation this short has no line of its own
+    assert re.search(rf"stage it1/negatives done in [\d.]+ s: {len(negatives)} rows of \d+ samples", text)
+    assert re.search(r"stage it1/policy done in [\d.]+ s: \d+ samples \(0 cut to max_length\), "
+                     r"\d+ steps, ", text)
+    assert re.search(r"stage it1/eval/test done in [\d.]+ s: \d+ samples: HR@5 [\d.]+ ", text)
     assert len(console) <= 80, "\n".join(console)
     full = (run / "run.log").read_text()
     assert "Initializing a V1 LLM engine" in full and "RayTrainWorker" in full
+    assert re.search(r"generate: \d+ prompts in ", full)
