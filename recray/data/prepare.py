@@ -369,7 +369,8 @@ def _split_cuts(users: ray.data.Dataset, fractions: tuple[float, float, float]) 
                     TARGET_TIMES).column("target_time").to_numpy()
     cuts = split_cuts(times, fractions)
     at = sorted({cut[0] for cut in cuts if cut is not None})
-    tied = _gather(users.map_batches(_samples_at, batch_format="pyarrow", fn_kwargs={"times": at}), TIED)
+    tied = (_gather(users.map_batches(_samples_at, batch_format="pyarrow", fn_kwargs={"times": at}), TIED)
+            if at else TIED.empty_table())          # no cut inside: no pass for ties
     ids_at = {t: sorted(tied.filter(pc.equal(tied.column("target_time"), t)).column("sample_id").to_pylist())
               for t in at}
     return [None if cut is None else (cut[0], ids_at[cut[0]][cut[1]]) for cut in cuts], len(times)

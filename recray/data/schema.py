@@ -160,18 +160,20 @@ def _clean_ids(column: pa.Array) -> pa.Array | None:
     return column
 
 
-def _clean_seconds(column: pa.Array) -> np.ndarray | None:
-    """Whole non-negative seconds from integer, date or timestamp columns, else None."""
+def _in_units(column: pa.Array) -> tuple[pa.Array, int]:
+    """Dates and timestamps as int64 counts of their unit (time-zone-naive ones read as
+    UTC), with units per second; other types as they are, with 1."""
     if pa.types.is_date(column.type):
         column = column.cast(pa.timestamp("s"))
     if pa.types.is_timestamp(column.type):
-        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
-        column = column.cast(pa.int64())
-    elif pa.types.is_integer(column.type):
-        per_second = 1
-    else:
-        return None
-    if column.null_count:
+        return column.cast(pa.int64()), {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
+    return column, 1
+
+
+def _clean_seconds(column: pa.Array) -> np.ndarray | None:
+    """Whole non-negative seconds from integer, date or timestamp columns, else None."""
+    column, per_second = _in_units(column)
+    if not pa.types.is_integer(column.type) or column.null_count:
         return None
     seconds = column.to_numpy().astype(np.int64) // per_second
     return None if len(seconds) and seconds.min() < 0 else seconds
@@ -193,12 +195,10 @@ def _clean_columns(user_ids, item_ids, timestamps, ratings) -> dict | None:
 
 
 def _unix_seconds_list(column: pa.Array) -> list:
-    """Arrow dates and timestamps as unix seconds (time-zone-naive ones read as UTC);
-    other types pass through as Python values for interactions_table to check."""
-    if pa.types.is_date(column.type):
-        column = column.cast(pa.timestamp("s"))
-    if pa.types.is_timestamp(column.type):
-        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
-        # floor, not truncation: a time before 1970 must stay negative to be caught
-        return [None if v is None else v // per_second for v in column.cast(pa.int64()).to_pylist()]
-    return column.to_pylist()
+    """Arrow dates and timestamps as unix seconds; other types pass through as Python
+    values for interactions_table to check."""
+    counts, per_second = _in_units(column)
+    if per_second == 1:
+        return counts.to_pylist()
+    # floor, not truncation: a time before 1970 must stay negative to be caught
+    return [None if v is None else v // per_second for v in counts.to_pylist()]
