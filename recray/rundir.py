@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -39,6 +40,9 @@ QUARANTINE = "quarantine"
 # (EFBIG, RLIMIT_FSIZE: what the tests use). Each means "free space, then resume".
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 log = logging.getLogger(__name__)
+# A stage done sooner shows one line, not two: a started/done pair for instant work (the
+# loop's sample draw, MostPop's evaluation) is noise in a run's ~100 lines of output.
+START_LINE_AFTER_S = 2.0
 PACKAGES = ("recray", "torch", "ray", "transformers", "trl", "peft", "deepspeed", "pyarrow")
 
 
@@ -222,7 +226,7 @@ class RunDir:
         tmp.mkdir(parents=True)
         start = time.time()
         self._outcome = ""
-        log.info("stage %s started", stage)
+        show_start = self._start_line(stage)
         try:
             yield tmp
             record = {"seconds": round(time.time() - start, 1),
@@ -242,10 +246,23 @@ class RunDir:
             raise RecrayError(f"stage {stage} could not be written ({e}); it is not marked "
                               f"done: free disk space, then resume with `recray run --resume "
                               f"{self.root}`") from e
+        finally:
+            show_start.cancel()
         self.manifest["stages"][stage] = _summary(record)
         self._save()
         log.info("stage %s done in %.1f s%s", stage, record["seconds"],
                  f": {self._outcome}" if self._outcome else "")
+
+    @staticmethod
+    def _start_line(stage: str) -> threading.Timer:
+        """The stage's start line, stamped now and shown once it has run START_LINE_AFTER_S
+        (cancel the timer to keep it back): work that ends sooner shows its done line only."""
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, "stage %s started", (stage,), None)
+        timer = threading.Timer(START_LINE_AFTER_S, log.handle, (record,))
+        timer.daemon = True
+        if log.isEnabledFor(logging.INFO):
+            timer.start()
+        return timer
 
     def outcome(self, text: str) -> None:
         """What the stage in flight made, in a few words: its done line ends with it."""

@@ -193,14 +193,16 @@ def test_groups_skip_roots_nested_and_excluded():
 def test_block_summaries_merge_to_the_global_split_and_draw():
     """Cuts, splits and subsets from per-block summaries equal one global sort by
     (target time, sample id) and one global draw by hash, for any cut of users into blocks."""
-    from recray.data.prepare import (_block_summary, _merge_candidates, _samples_at, _target_times,
-                                     sample_hash)
+    from recray.data.prepare import (COUNTS, _block_counts, _block_summary, _merge_candidates,
+                                     _samples_at, sample_hash)
     rng = np.random.default_rng(3)
     lengths = rng.integers(2, 30, size=60)
     users = pa.table({
         "user_id": [f"u{k}" for k in range(len(lengths))],
         "item_ids": [[f"i{j}" for j in rng.integers(0, 40, size=n)] for n in lengths],
-        "times": [np.sort(rng.integers(0, 50, size=n)).tolist() for n in lengths]})   # many ties
+        "times": [np.sort(rng.integers(0, 50, size=n)).tolist() for n in lengths],    # many ties
+        **{name: rng.integers(0, 9, size=len(lengths)) for name in COUNTS},
+        "examples": [[f"bad row: f line {k}"] if k % 7 == 0 else [] for k in range(len(lengths))]})
     ids = np.array([f"u{k}:{p}" for k, n in enumerate(lengths) for p in range(1, n)], dtype=object)
     times = np.array([t for row in users.column("times").to_pylist() for t in row[1:]])
     items = np.array([i for row in users.column("item_ids").to_pylist() for i in row[1:]], dtype=object)
@@ -214,7 +216,11 @@ def test_block_summaries_merge_to_the_global_split_and_draw():
             for i, (name, size) in enumerate(zip(SPLITS, sizes))}
 
     blocks = [users.slice(0, 1), users.slice(1, 22), users.slice(23)]
-    all_times = np.concatenate([_target_times(b).column("target_time").to_numpy() for b in blocks])
+    counts = pa.concat_tables([_block_counts(b) for b in blocks])
+    for name in COUNTS:                                     # one row per block, every user in it
+        assert [x for row in counts.column(name).to_pylist() for x in row] == users.column(name).to_pylist()
+    assert sum(counts.column("examples").to_pylist(), []) == sum(users.column("examples").to_pylist(), [])
+    all_times = np.array(sum(counts.column("target_times").to_pylist(), []))
     cuts = split_cuts(all_times, (0.8, 0.1, 0.1))
     tied = pa.concat_tables([_samples_at(b, [c[0] for c in cuts]) for b in blocks])
     cut_ids = [(t, sorted(tied.filter(pc.equal(tied.column("target_time"), t))

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +37,26 @@ def test_a_stage_says_what_it_made_on_its_done_line_and_the_next_one_starts_clea
     assert len(done) == 2
     assert done[0].startswith("stage it1/negatives done in ") and done[0].endswith(" s: 64 rows of 64 samples")
     assert done[1].startswith("stage it1/sft done in ") and done[1].endswith(" s")
+
+
+def test_a_stage_shows_its_start_line_only_when_it_runs_a_while(tmp_path, caplog, monkeypatch):
+    import recray.rundir
+    monkeypatch.setattr(recray.rundir, "START_LINE_AFTER_S", 0.3)
+    run = RunDir.create(tmp_path / "r", {"a": 1}, {})
+    with caplog.at_level("INFO", logger="recray.rundir"):
+        with run.stage("it1/samples"):
+            pass
+        began = time.time()
+        with run.stage("it1/sft"):
+            time.sleep(0.8)
+        with pytest.raises(ValueError):
+            with run.stage("it1/policy"):
+                raise ValueError("quick failure")
+        time.sleep(0.6)                 # a cancelled start line would have shown by now
+    lines = [(r.getMessage(), r.created) for r in caplog.records]
+    assert [m for m, _ in lines] == ["stage it1/samples done in 0.0 s", "stage it1/sft started",
+                                     "stage it1/sft done in 0.8 s"]
+    assert abs(lines[1][1] - began) < 0.1        # stamped when the stage began, not when shown
 
 
 def test_resume_sweeps_temp_dirs_and_keeps_finished_stages(tmp_path):
