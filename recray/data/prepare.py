@@ -223,7 +223,7 @@ def _block_counts(users: pa.Table) -> pa.Table:
         return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
     return pa.table({**{name: one_row(users.column(name)) for name in COUNTS},
                      "examples": one_row(pc.list_flatten(users.column("examples"))),
-                     "target_times": one_row(pa.array(_targets(users)[2], pa.int64()))},
+                     "target_times": one_row(pc.list_flatten(pc.list_slice(users.column("times"), 1)))},
                     schema=BLOCK_COUNTS)
 
 
