@@ -26,9 +26,11 @@ IGNORED_WARNINGS = ("Token authentication is enabled for this Ray cluster",)
 # A Ray worker's line reaches the console when recray logged it or it reports an error.
 # (A recray logger's name is "recray.<module>"; a path such as ~/.cache/recray/ is not one.)
 WORKER_LINE_SHOWN = re.compile(r"\brecray\.[a-z_.]+ |\bERROR\b|\bCRITICAL\b|Traceback|Error:")
-# ... except errors that ask nothing of the user: the GCS failing to kill an actor that had
-# already exited (seen in a main job on 2026-12-06; the RpcError made it look like one).
-WORKER_LINE_HIDDEN = re.compile(r"Failed to kill actor NIL_ID")
+# ... except errors that ask nothing of the user: the GCS failing to kill an actor whose
+# process had already exited, its socket closed (main jobs of 2026-12-06, actor NIL_ID, and
+# 2026-12-07, a named actor id; the RpcError made it look like one). A kill that fails
+# for any other reason is still shown.
+WORKER_LINE_HIDDEN = re.compile(r"Failed to kill actor \S+, return status: .*Socket closed")
 
 _state = {"verbose": False, "file": None}
 _file_lock = threading.Lock()

@@ -69,6 +69,18 @@ def test_worker_lines_reach_the_file_and_only_recray_and_errors_the_console(
                              "gcs_actor_scheduler.cc:538: Failed to kill actor NIL_ID, return "
                              "status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: "
                              "RPC error: Socket closed rpc_code: 14"]})
+        dispatcher.emit({"pid": "gcs_server", "actor_name": None, "task_name": None,
+                         "is_err": True, "ip": "127.0.0.1", "lines": [
+                             "[2026-12-07 21:26:09,328 E 12444 12444] (gcs_server) "
+                             "gcs_actor_scheduler.cc:538: Failed to kill actor 43f8d90e4b140126fe1a"
+                             "3d0c01000000, return status: Invalid: KillActor RPC failed for actor "
+                             "43f8d90e4b140126fe1a3d0c01000000: RpcError: RPC error: Socket closed "
+                             "rpc_code: 14",
+                             "[2026-12-07 21:26:10,000 E 12444 12444] (gcs_server) "
+                             "gcs_actor_scheduler.cc:538: Failed to kill actor 43f8d90e4b140126fe1a"
+                             "3d0c01000000, return status: Invalid: KillActor RPC failed for actor "
+                             "43f8d90e4b140126fe1a3d0c01000000: RpcError: RPC error: Deadline "
+                             "Exceeded rpc_code: 4"]})
     finally:
         dispatcher.remove_handler("recray_print_logs")
     shown = capfd.readouterr().err
@@ -78,6 +90,8 @@ def test_worker_lines_reach_the_file_and_only_recray_and_errors_the_console(
     assert "(GenerationActor pid=41) INFO [core.py:133] Initializing" in text
     assert "(PlacementGroupCleaner pid=42) Failed to query" in text
     assert "Failed to kill actor NIL_ID" not in shown and "Failed to kill actor NIL_ID" in text
+    assert "Socket closed" not in shown and text.count("Socket closed") == 2     # exited actors
+    assert "Deadline Exceeded rpc_code: 4" in shown           # a kill that failed otherwise
 
 
 def test_progress_logs_counts_rate_and_eta_off_a_terminal(capfd, console, monkeypatch):
