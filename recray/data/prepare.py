@@ -194,16 +194,20 @@ def _users_of_block(rows: pa.Table, min_interactions: int, files: list[str]) -> 
     }, schema=USER_ROW)
 
 
-def _targets(users: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Array]:
-    """(user row, position, time, item) of every sample's target: each position after the first."""
+def _targets(users: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user row, position, time) of every sample's target: each position after the first."""
     lengths = pc.list_value_length(users.column("item_ids")).to_numpy(zero_copy_only=False)
     times = pc.list_flatten(users.column("times")).to_numpy(zero_copy_only=False)
     starts = np.r_[0, np.cumsum(lengths)[:-1]] if len(lengths) else np.array([], int)
     position = np.arange(len(times)) - np.repeat(starts, lengths)
     is_target = position >= 1
     owner = np.repeat(np.arange(len(lengths)), lengths)
-    items = pc.list_flatten(users.column("item_ids")).filter(pa.array(is_target)).combine_chunks()
-    return owner[is_target], position[is_target], times[is_target], items
+    return owner[is_target], position[is_target], times[is_target]
+
+
+def _after_first(lists: pa.ChunkedArray) -> pa.Array:
+    """Each user's list without its first entry, flattened: the targets' column in _targets' order."""
+    return pc.list_flatten(pc.list_slice(lists, 1)).combine_chunks()
 
 
 def _sample_ids(users: pa.Table, owner: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -223,13 +227,13 @@ def _block_counts(users: pa.Table) -> pa.Table:
         return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
     return pa.table({**{name: one_row(users.column(name)) for name in COUNTS},
                      "examples": one_row(pc.list_flatten(users.column("examples"))),
-                     "target_times": one_row(pc.list_flatten(pc.list_slice(users.column("times"), 1)))},
+                     "target_times": one_row(_after_first(users.column("times")))},
                     schema=BLOCK_COUNTS)
 
 
 def _samples_at(users: pa.Table, times: list[int]) -> pa.Table:
     """(sample id, target time) of the samples whose target time is one of `times`."""
-    owner, position, target_times, _ = _targets(users)
+    owner, position, target_times = _targets(users)
     at = np.isin(target_times, times)
     return pa.table({"sample_id": pa.array(_sample_ids(users, owner[at], position[at]), pa.string()),
                      "target_time": pa.array(target_times[at], pa.int64())}, schema=TIED)
@@ -252,7 +256,8 @@ def split_of(times: np.ndarray, sample_ids: np.ndarray, cuts: list[tuple[int, st
 def _block_summary(users: pa.Table, cuts: list, seed: int, sizes: list[int]) -> pa.Table:
     """One row per block: its samples per split, each split's `size` smallest-hash
     candidates, and its train-split target counts (all the driver needs; the keys stay here)."""
-    owner, position, times, items = _targets(users)
+    owner, position, times = _targets(users)
+    items = _after_first(users.column("item_ids"))
     sample_ids = _sample_ids(users, owner, position)
     split = split_of(times, sample_ids, cuts)
     hashes = sample_hash(sample_ids, seed)
